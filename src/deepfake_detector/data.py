@@ -1,0 +1,210 @@
+"""Fetch the raw dataset (Kaggle, an archive URL or a local copy) and find its splits.
+
+The 140k Real and Fake Faces layout is ``real_vs_fake/real-vs-fake/{train,valid,test}/{real,fake}``;
+copies that drop the outer folders are accepted too, since :func:`find_split_root` looks for the
+folder that holds the splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from deepfake_detector.errors import UserError
+
+SPLITS = ("train", "valid", "test")
+CLASSES = ("real", "fake")  # index = label: 0 real, 1 fake (the positive class we detect)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+INFO_FILE = "download.json"
+
+
+class DataError(UserError):
+    """The dataset cannot be fetched, unpacked or recognised."""
+
+
+def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60.0,
+             retries: int = 3) -> dict:
+    """Put the dataset named by ``source`` into ``out_dir`` and return what was fetched.
+
+    ``source`` is ``kaggle:OWNER/NAME``, an ``http(s)://`` URL of a zip or tar archive, or a
+    local folder or archive. ``out_dir`` is replaced only once the new copy is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        staging = Path(tmp) / "dataset"
+        if source.startswith("kaggle:"):
+            kind = "kaggle"
+            _copy_tree(_kaggle_download(source.removeprefix("kaggle:")), staging)
+        elif source.startswith(("http://", "https://")):
+            kind = "url"
+            archive = Path(tmp) / _archive_name(source)
+            _fetch_url(source, archive, timeout_s, retries)
+            _check_sha256(archive, sha256)
+            extract_archive(archive, staging)
+        else:
+            local = Path(source).expanduser()
+            if not local.exists():
+                raise DataError(f"data.source {source!r} is not a kaggle: slug, an http(s) URL or an "
+                                "existing path")
+            kind = "archive" if local.is_file() else "folder"
+            if local.is_file():
+                _check_sha256(local, sha256)
+                extract_archive(local, staging)
+            else:
+                _copy_tree(local, staging)
+        split_root = find_split_root(staging)
+        counts = {split: {cls: sum(1 for _ in iter_files(split_root / split / cls)) for cls in CLASSES}
+                  for split in SPLITS}
+        info = {"source": source, "kind": kind, "split_root": split_root.relative_to(staging).as_posix(),
+                "files": counts}
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    return info
+
+
+def find_split_root(root: Path, max_depth: int = 4) -> Path:
+    """The folder under ``root`` holding ``train/``, ``valid/`` and ``test/`` with ``real/`` and ``fake/``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    level = [root]
+    for _ in range(max_depth + 1):
+        for folder in level:
+            present = [s for s in SPLITS if (folder / s).is_dir()]
+            if present:
+                missing = [f"{s}/" for s in SPLITS if s not in present]
+                missing += [f"{s}/{c}/" for s in present for c in CLASSES if not (folder / s / c).is_dir()]
+                if missing:
+                    raise DataError(f"dataset at {folder} is missing {', '.join(missing)} "
+                                    f"(expected {{{','.join(SPLITS)}}}/{{{','.join(CLASSES)}}})")
+                return folder
+        level = sorted(d for f in level for d in f.iterdir() if d.is_dir() and not d.is_symlink())
+    raise DataError(f"no train/, valid/ and test/ folders found under {root} "
+                    "(expected the 140k Real and Fake Faces layout)")
+
+
+def iter_files(folder: Path) -> Iterator[Path]:
+    """Files directly in ``folder``, sorted by name so every run sees the same order."""
+    return (p for p in sorted(Path(folder).iterdir(), key=lambda p: p.name) if p.is_file())
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Unpack a zip or tar into ``dest``, refusing links and entries that escape it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name = archive.name.lower()
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, dest)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, dest)
+        else:
+            raise DataError(f"{archive.name} is not a zip or tar archive"
+                            + ("" if name.endswith(ARCHIVE_SUFFIXES) else f" ({', '.join(ARCHIVE_SUFFIXES)})"))
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"cannot unpack {archive.name}: {exc}") from None
+
+
+def _safe_target(dest: Path, member: str, archive: Path) -> Path:
+    target = (dest / member).resolve()
+    if os.path.isabs(member) or not target.is_relative_to(dest.resolve()):
+        raise DataError(f"refusing to unpack {archive.name}: entry {member!r} escapes the target folder")
+    return target
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        for info in members:  # check everything before writing anything
+            _safe_target(dest, info.filename, archive)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DataError(f"refusing to unpack {archive.name}: entry {info.filename!r} is a link")
+        zf.extractall(dest, members)
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tf:
+        members = tf.getmembers()
+        for member in members:
+            _safe_target(dest, member.name, archive)
+            if not (member.isfile() or member.isdir()):
+                raise DataError(f"refusing to unpack {archive.name}: entry {member.name!r} is a link "
+                                "or special file")
+        tf.extractall(dest, members, filter="data")
+
+
+def _archive_name(url: str) -> str:
+    name = Path(urllib.request.url2pathname(url.split("?", 1)[0])).name
+    return name or "dataset.archive"
+
+
+def _fetch_url(url: str, target: Path, timeout_s: float, retries: int) -> None:
+    last: Exception | None = None
+    for attempt in range(1, retries + 2):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, target.open("wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:  # 4xx will not get better by retrying
+                raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+            last = exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            last = exc
+        if attempt <= retries:
+            time.sleep(min(2 ** (attempt - 1), 10))
+    reason = getattr(last, "reason", last)
+    raise DataError(f"cannot download {url} after {retries + 1} attempts: {reason}. Check the network, "
+                    "or set data.source to a local folder or archive") from None
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected.lower():
+        raise DataError(f"sha256 mismatch for {path.name}: expected {expected}, got {digest.hexdigest()}")
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    # Plain copies, not copytree: sources may be read-only (a shared mount) and their modes must not
+    # follow the files into data/raw, or DVC could not replace them later.
+    for folder, dirs, files in os.walk(src, followlinks=True):
+        dirs.sort()
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name != INFO_FILE:
+                shutil.copyfile(Path(folder) / name, target / name)
+
+
+def _kaggle_download(slug: str) -> Path:
+    try:
+        import kagglehub  # optional: only this source needs it
+    except ImportError:
+        raise DataError("data.source is a Kaggle dataset but kagglehub is not installed: "
+                        "pip install kagglehub") from None
+    try:
+        return Path(kagglehub.dataset_download(slug))
+    except Exception as exc:  # kagglehub raises many types (HTTP, auth, network); all mean the same here
+        raise DataError(
+            f"cannot download Kaggle dataset {slug!r}: {exc}. Set KAGGLE_USERNAME and KAGGLE_KEY (or put "
+            "kaggle.json in ~/.kaggle/) from https://www.kaggle.com/settings, or set data.source to a local "
+            "copy: dvc exp run -S data.source=/path/to/140k-real-and-fake-faces") from None

@@ -1,0 +1,233 @@
+"""Pipeline parameters: frozen dataclasses loaded from ``params.yaml``.
+
+Every key in ``params.yaml`` maps onto a field here; an unknown, missing or
+mistyped key is a :class:`ParamsError` that names it, so a typo in
+``dvc exp run -S train.lr=...`` fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepfake_detector.errors import UserError
+
+DEFAULT_KAGGLE_SOURCE = "kaggle:xhlulu/140k-real-and-fake-faces"
+
+
+class ParamsError(UserError):
+    """A parameter file that does not match the schema."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the raw dataset comes from."""
+
+    source: str = DEFAULT_KAGGLE_SOURCE  # kaggle:OWNER/NAME, http(s)://...zip|tar, or a local path
+    sha256: str = ""  # expected checksum of a URL archive; empty skips the check
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    timeout_s: float = 60.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class BlurParams:
+    prob: float = 0.5
+    sigma: tuple[float, float] = (0.1, 1.5)
+
+
+@dataclass(frozen=True)
+class NoiseParams:
+    prob: float = 0.5
+    sigma: tuple[float, float] = (1.0, 8.0)  # std of Gaussian noise, in 0-255 pixel units
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    image_size: int = 128
+    min_source_size: int = 64  # smaller images are quarantined, not upscaled
+    limit_per_class: int = 0  # 0 keeps every image; N keeps the first N per split and class
+    splits: tuple[str, ...] = ("train",)  # splits that get blur and noise
+    blur: BlurParams = field(default_factory=BlurParams)
+    noise: NoiseParams = field(default_factory=NoiseParams)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # one conv block per entry: depth and width
+    convs_per_block: int = 2
+    batch_norm: bool = True
+    hidden: int = 256
+    dropout: float = 0.3
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision, used on CUDA only
+    hflip: bool = True  # random horizontal flips; faces are left-right symmetric
+    monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
+
+    def __post_init__(self) -> None:
+        if self.monitor not in ("auc", "accuracy", "loss"):
+            raise ParamsError(f"train.monitor must be auc, accuracy or loss, got {self.monitor!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ParamsError("train.epochs and train.batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 128
+    threshold: float = 0.5  # P(fake) at or above which an image is called fake
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides it
+    experiment: str = "deepfake-detector"
+    model_name: str = "deepfake-detector"
+    alias: str = "challenger"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    data: DataParams = field(default_factory=DataParams)
+    download: DownloadParams = field(default_factory=DownloadParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read ``path`` into :class:`Params`; every key must exist in the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return from_dict(raw if raw is not None else {}, partial=False)
+
+
+def from_dict(raw: Any, partial: bool = True) -> Params:
+    """Build :class:`Params` from nested dicts; ``partial`` fills missing keys with defaults."""
+    return _build(Params, raw, "", partial)
+
+
+def with_overrides(params: Params, overrides: list[str]) -> Params:
+    """Apply ``key.path=value`` overrides (values parsed as YAML), as ``dvc exp run -S`` does."""
+    if not overrides:
+        return params
+    raw = to_dict(params)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r} is not KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"unknown parameter: {'.'.join(parents[:i + 1])}")
+            node = node[part]
+        if leaf not in node:
+            raise ParamsError(f"unknown parameter: {key}")
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(raw, partial=False)
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """Nested plain dict of a params dataclass (tuples become lists, as in YAML)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
+            for k, v in dataclasses.asdict(params).items()}
+
+
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys (``train.lr``) to leaf values, as DVC and MLflow name them."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(params) if dataclasses.is_dataclass(params) else params).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _build(cls: type, raw: Any, where: str, partial: bool) -> Any:
+    label = where or "params"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{label} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        keys = ", ".join(f"{where}{'.' if where else ''}{k}" for k in unknown)
+        raise ParamsError(f"unknown parameter(s): {keys} (known here: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        key = f"{where}.{name}" if where else name
+        if name not in raw:
+            if not partial:
+                raise ParamsError(f"missing parameter: {key}")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], key, partial)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, partial: bool) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, partial)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]", partial) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ParamsError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]", partial) for i, (a, v) in enumerate(zip(args, value)))
+    # bool is an int subclass: keep `epochs: true` from passing as 1.
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        # PyYAML reads `1e-3` (no dot) as a string; accept it as the number it means.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported type for {key}: {hint}")
+    if not ok:
+        raise ParamsError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value

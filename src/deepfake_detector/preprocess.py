@@ -1,0 +1,178 @@
+"""Validate, resize and degrade raw faces into uint8 arrays that training memory-maps.
+
+Output per split: ``images.npy`` (N x S x S x 3, uint8) and ``index.csv`` (source path, label,
+applied blur and noise). Images are decoded once here, never again per epoch; the ``.npy`` is
+written image by image with its header fixed up at the end, so memory stays flat however many
+images there are. Files that do not decode, or are too small, go to ``quarantine.csv`` with the
+reason and are counted in ``report.json``; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+from tqdm import tqdm
+
+from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, find_split_root, iter_files
+from deepfake_detector.params import PreprocessParams, to_dict
+
+NPY_HEADER_BYTES = 128  # room for any (N, S, S, 3) shape; the header is padded to this size
+
+
+@dataclass(frozen=True)
+class Job:
+    path: Path
+    rel: str  # path relative to the split root: the stable identity used for seeding
+    label: int
+    augment: bool
+
+
+def degrade(image: np.ndarray, params: PreprocessParams, seed: int, key: str) -> tuple[np.ndarray, float, float]:
+    """Apply the seeded Gaussian blur and additive noise to an RGB uint8 array.
+
+    The random draws depend only on ``seed`` and ``key`` (the image's relative path), so the
+    result is the same in any order, process or rerun. Returns the image and the blur and noise
+    sigmas applied (0 when not applied).
+    """
+    digest = hashlib.sha256(key.encode()).digest()
+    rng = np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+    do_blur, blur_sigma = rng.random() < params.blur.prob, rng.uniform(*params.blur.sigma)
+    do_noise, noise_sigma = rng.random() < params.noise.prob, rng.uniform(*params.noise.sigma)
+    blur_sigma = float(blur_sigma) if do_blur else 0.0
+    noise_sigma = float(noise_sigma) if do_noise else 0.0
+    if blur_sigma > 0:
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=blur_sigma)))
+    if noise_sigma > 0:
+        noisy = image.astype(np.float32) + rng.normal(0.0, noise_sigma, image.shape).astype(np.float32)
+        image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    return image, blur_sigma, noise_sigma
+
+
+def load_image(path: Path, size: int, min_source_size: int) -> tuple[np.ndarray, str]:
+    """Decode ``path`` to an RGB ``size`` x ``size`` uint8 array; returns it and the source mode.
+
+    Raises ``ValueError`` with a short reason for files that are not usable images.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # a truncated or corrupt file fails here, not later
+                mode = img.mode
+                img = ImageOps.exif_transpose(img)
+                if "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info):
+                    # Flatten transparency onto black rather than letting convert() keep garbage pixels.
+                    rgba = img.convert("RGBA")
+                    img = Image.new("RGB", rgba.size)
+                    img.paste(rgba, mask=rgba.getchannel("A"))
+                img = img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError("image too large (decompression bomb guard)") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image" if path.stat().st_size else "empty file") from None
+    except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+        raise ValueError(f"corrupt image: {exc}") from None
+    if min(img.size) < min_source_size:
+        raise ValueError(f"too small: {img.size[0]}x{img.size[1]} < {min_source_size}")
+    if img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8), mode
+
+
+def _process(args: tuple[Job, PreprocessParams, int]) -> tuple[Job, np.ndarray | None, str, float, float]:
+    job, params, seed = args
+    try:
+        image, mode = load_image(job.path, params.image_size, params.min_source_size)
+    except ValueError as exc:
+        return job, None, str(exc), 0.0, 0.0
+    blur = noise = 0.0
+    if job.augment:
+        image, blur, noise = degrade(image, params, seed, job.rel)
+    return job, image, mode, blur, noise
+
+
+def run(raw_dir: Path, out_dir: Path, params: PreprocessParams, seed: int, workers: int | None = None,
+        progress: bool = True) -> dict:
+    """Preprocess every split of the dataset in ``raw_dir`` into ``out_dir``; returns the report."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    split_root = find_split_root(raw_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    report: dict = {"image_size": params.image_size, "splits": {}, "quarantined": 0}
+    with (out_dir / "quarantine.csv").open("w", newline="") as qf, \
+            multiprocessing.get_context("spawn").Pool(workers) as pool:
+        quarantine = csv.writer(qf)
+        quarantine.writerow(["path", "reason"])
+        for split in SPLITS:
+            jobs = [Job(p, p.relative_to(split_root).as_posix(), label, split in params.splits)
+                    for label, cls in enumerate(CLASSES)
+                    for i, p in enumerate(iter_files(split_root / split / cls))
+                    if not params.limit_per_class or i < params.limit_per_class]
+            results = pool.imap(_process, ((j, params, seed) for j in jobs), chunksize=32)
+            bar = tqdm(results, total=len(jobs), desc=f"preprocess {split}", disable=not progress,
+                       unit="img")
+            stats = _write_split(bar, out_dir / split, params.image_size, quarantine)
+            report["splits"][split] = stats
+            report["quarantined"] += stats["quarantined"]
+    info = raw_dir / INFO_FILE
+    meta = {"params": to_dict(params), "seed": seed, "classes": list(CLASSES),
+            "download": json.loads(info.read_text()) if info.exists() else None, **report}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _write_split(results, split_dir: Path, size: int, quarantine) -> dict:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    modes: Counter = Counter()
+    reasons: Counter = Counter()
+    n = 0
+    with (split_dir / "images.npy").open("wb") as images, (split_dir / "index.csv").open("w", newline="") as f:
+        index = csv.writer(f)
+        index.writerow(["path", "label", "blur_sigma", "noise_sigma"])
+        images.write(b"\0" * NPY_HEADER_BYTES)
+        for job, image, mode_or_reason, blur, noise in results:
+            if image is None:
+                quarantine.writerow([job.rel, mode_or_reason])
+                reasons[mode_or_reason.split(":")[0]] += 1
+                continue
+            images.write(image.tobytes())
+            index.writerow([job.rel, job.label, f"{blur:.4f}", f"{noise:.4f}"])
+            counts[CLASSES[job.label]] += 1
+            modes[mode_or_reason] += 1
+            n += 1
+        images.seek(0)
+        images.write(npy_header((n, size, size, 3)))
+    return {"images": n, **{c: counts[c] for c in CLASSES}, "quarantined": sum(reasons.values()),
+            "quarantine_reasons": dict(reasons), "source_modes": dict(modes)}
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A ``.npy`` v1.0 header for a C-ordered uint8 array, padded to :data:`NPY_HEADER_BYTES`."""
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": shape})
+    pad = NPY_HEADER_BYTES - 10 - len(text) - 1
+    if pad < 0:
+        raise ValueError(f"shape {shape} does not fit a {NPY_HEADER_BYTES}-byte header")
+    body = (text + " " * pad + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped images (N, S, S, 3) and labels (N,) of one preprocessed split."""
+    split_dir = Path(processed_dir) / split
+    images = np.load(split_dir / "images.npy", mmap_mode="r")
+    with (split_dir / "index.csv").open() as f:
+        labels = np.array([int(row["label"]) for row in csv.DictReader(f)], dtype=np.int64)
+    if len(labels) != len(images):
+        raise ValueError(f"{split_dir}: {len(images)} images but {len(labels)} labels")
+    return images, labels

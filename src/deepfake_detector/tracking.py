@@ -1,0 +1,197 @@
+"""MLflow tracking and registry: the only module that imports mlflow.
+
+One MLflow run per trained model. The train stage opens it (params, data lineage, per-epoch
+metrics, the logged model) and records its id in ``run.json`` next to the checkpoint; the
+evaluate stage reopens that run to add test metrics and plots, then registers the model and
+points the alias (``challenger``) at the new version. DVC runs stages as separate processes,
+so the id travels through a file rather than an active-run context. A run whose evaluate
+params were already logged with other values (re-evaluating the same model with a new
+threshold) logs to a child run instead, because MLflow params are immutable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from deepfake_detector.errors import UserError
+from deepfake_detector.params import MlflowParams
+
+RUN_FILE = "run.json"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class TrackingError(UserError):
+    """The tracking server or registry cannot be used."""
+
+
+def tracking_uri(params: MlflowParams) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the params' URI (an sqlite file in the repo by default)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+
+
+class Tracker:
+    """Logs to one MLflow run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, params: MlflowParams, run_id: str | None = None) -> None:
+        self.params, self.run_id = params, run_id
+        if params.enabled:
+            mlflow.set_tracking_uri(tracking_uri(params))
+
+    @property
+    def active(self) -> bool:
+        return self.params.enabled and self.run_id is not None
+
+    @classmethod
+    def start(cls, params: MlflowParams, run_name: str | None, log_params: dict[str, Any],
+              tags: dict[str, str], parent_run_id: str | None = None) -> Tracker:
+        """Create a run in the configured experiment (a child of ``parent_run_id`` if given)."""
+        tracker = cls(params)
+        if params.enabled:
+            with _errors("start an MLflow run"):
+                experiment = mlflow.set_experiment(params.experiment)
+                if parent_run_id:
+                    tags = {**tags, "mlflow.parentRunId": parent_run_id}
+                run = MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=tags)
+                tracker.run_id = run.info.run_id
+                tracker.log_params(log_params)
+        return tracker
+
+    @classmethod
+    def resume(cls, params: MlflowParams, run_file: Path) -> tuple[Tracker, str | None]:
+        """Reopen the run recorded by the train stage in ``run_file``; also returns its model URI."""
+        run_file = Path(run_file)
+        info = json.loads(run_file.read_text()) if run_file.exists() else {}
+        return cls(params, info.get("run_id")), info.get("model_uri")
+
+    def save(self, run_file: Path, model_uri: str | None) -> None:
+        """Record the run and its logged model for the evaluate stage."""
+        uri = tracking_uri(self.params) if self.params.enabled else None
+        info = {"run_id": self.run_id, "model_uri": model_uri, "tracking_uri": uri}
+        Path(run_file).write_text(json.dumps(info, indent=2) + "\n")
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Make the run active for the block; it ends FAILED if the block raises."""
+        if not self.active:
+            yield
+            return
+        with _errors("open the MLflow run"):
+            mlflow.start_run(run_id=self.run_id)
+        try:
+            yield
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run()
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        if self.active:
+            with _errors("log params"):
+                MlflowClient().log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if self.active:
+            now = int(time.time() * 1000)
+            with _errors("log metrics"):
+                MlflowClient().log_batch(self.run_id, metrics=[
+                    Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            with _errors("log artifacts"):
+                if Path(path).is_dir():
+                    MlflowClient().log_artifacts(self.run_id, str(path), artifact_path)
+                else:
+                    MlflowClient().log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model: Any, example: np.ndarray) -> str | None:
+        """Log the torch model with signature and input example as ``model``; call inside :meth:`running`.
+
+        Pickle format with this package as ``code_paths``: it loads back as the ``DeepfakeCNN``
+        class (so hooks for explanations work), and serving needs no install of this project.
+        The default ``pt2`` export would load as a bare GraphModule.
+        """
+        if not self.active:
+            return None
+        import torch
+
+        with torch.no_grad():
+            output = torch.softmax(model(torch.from_numpy(example)), dim=1).numpy()
+        with _errors("log the model"):
+            return mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle",
+                signature=infer_signature(example, output), input_example=example,
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            ).model_uri
+
+    def logged_params(self) -> dict[str, str]:
+        if not self.active:
+            return {}
+        with _errors("read the run"):
+            return MlflowClient().get_run(self.run_id).data.params
+
+    def register(self, model_uri: str | None, tags: dict[str, str]) -> str | None:
+        """Register the logged model ``model_uri`` and point the alias at the new version."""
+        if not self.active or not model_uri:
+            return None
+        name, alias = self.params.model_name, self.params.alias
+        with _errors(f"register model {name!r}"):
+            version = mlflow.register_model(model_uri, name, tags=tags)
+            MlflowClient().set_registered_model_alias(name, alias, version.version)
+        return version.version
+
+
+def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
+    """Git commit and DVC data hashes, so a run names the exact code and data it used."""
+    tags: dict[str, str] = {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                   capture_output=True, text=True, timeout=10)
+            tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (a container, a tarball): no commit to record
+    lock = Path(cwd) / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if out.get("path", "").startswith("data/") and "md5" in out:
+                    tags[f"dvc.md5.{out['path']}"] = out["md5"]
+    return tags
+
+
+def load_model(model_uri: str, params: MlflowParams) -> Any:
+    """Load a logged or registered torch model, e.g. ``models:/deepfake-detector@challenger``."""
+    mlflow.set_tracking_uri(tracking_uri(params))
+    with _errors(f"load {model_uri}"):
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+@contextmanager
+def _errors(action: str) -> Iterator[None]:
+    """Turn MLflow and connection failures into a one-line :class:`TrackingError`."""
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"cannot {action} at {mlflow.get_tracking_uri()}: {first}") from exc
