@@ -59,6 +59,8 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
             if not local.exists():
                 raise DataError(f"data.source {source!r} is not a kaggle: slug, an http(s) URL or an "
                                 "existing path")
+            if out_dir.resolve().is_relative_to(local.resolve()):
+                raise DataError(f"--out {out_dir} is inside data.source {source}: it would copy into itself")
             kind = "archive" if local.is_file() else "folder"
             if local.is_file():
                 _check_sha256(local, sha256)

@@ -40,8 +40,6 @@ def compute_metrics(labels: np.ndarray, p_fake: np.ndarray, threshold: float = 0
     pred = (p_fake >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
     both = len(np.unique(labels)) == 2  # ranking metrics need both classes present
-    eps = 1e-7
-    clipped = np.clip(p_fake, eps, 1 - eps)
     return {
         "n": int(len(labels)),
         "accuracy": float(skm.accuracy_score(labels, pred)),
@@ -50,7 +48,7 @@ def compute_metrics(labels: np.ndarray, p_fake: np.ndarray, threshold: float = 0
         "f1": float(skm.f1_score(labels, pred, zero_division=0)),
         "roc_auc": float(skm.roc_auc_score(labels, p_fake)) if both else float("nan"),
         "average_precision": float(skm.average_precision_score(labels, p_fake)) if both else float("nan"),
-        "log_loss": float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))),
+        "log_loss": float(skm.log_loss(labels, p_fake, labels=[0, 1])),
         "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
     }
 

@@ -62,10 +62,10 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # one conv block per entry: depth and width
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # one conv block per entry: depth and width
     convs_per_block: int = 2
     batch_norm: bool = True
-    hidden: int = 256
+    hidden: int = 128
     dropout: float = 0.3
 
 
@@ -165,10 +165,15 @@ def to_dict(params: Any) -> dict[str, Any]:
 
 
 def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys (``train.lr``) to leaf values, as DVC and MLflow name them."""
+    """Dotted keys (``train.lr``) to leaf values, as DVC and MLflow name them.
+
+    ``params`` is a params dataclass or a dict whose values may be dataclasses or dicts.
+    """
     out: dict[str, Any] = {}
     for key, value in (to_dict(params) if dataclasses.is_dataclass(params) else params).items():
         name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:

@@ -104,10 +104,10 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         if epoch == 1 or score > best["score"]:  # NaN AUC (one-class valid) never beats epoch 1
             best = {"score": score, **row}
             save_checkpoint(model, out_dir / "model.pt", epoch=epoch, valid=valid)
-        if progress:
-            tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-                       f"valid loss {row['valid_loss']:.4f} acc {row['valid_accuracy']:.3f} "
-                       f"auc {row['valid_auc']:.3f}")
+        # One line per epoch always (CI and `dvc repro` logs); the per-batch bar only at a terminal.
+        tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+                   f"valid loss {row['valid_loss']:.4f} acc {row['valid_accuracy']:.3f} "
+                   f"auc {row['valid_auc']:.3f}")
     _write_history(out_dir / "history.csv", history)
     summary = {"best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
                "best_valid_accuracy": best["valid_accuracy"], "best_valid_auc": best["valid_auc"],

@@ -1,0 +1,82 @@
+"""params.yaml maps onto frozen dataclasses; bad keys fail loudly; dvc.yaml names real keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
+
+
+def test_params_yaml_loads_and_matches_defaults():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    # The file is the documented source of truth; the dataclass defaults must not drift from it.
+    assert params == Params()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.epochs = 1  # type: ignore[misc]
+
+
+def test_unknown_key_is_named(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["lr_rate"] = 0.1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"train\.lr_rate"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", "ten", r"train\.epochs must be int"),
+    ("epochs", True, r"train\.epochs must be int"),
+    ("amp", "yes", r"train\.amp must be bool"),
+    ("monitor", "f1", r"train\.monitor must be"),
+])
+def test_mistyped_value_is_named(tmp_path, key, value, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_missing_key_and_missing_file(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["evaluate"]["threshold"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"missing parameter: evaluate\.threshold"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_yaml_values_and_reject_unknown_keys():
+    params = with_overrides(Params(), ["train.lr=1e-3", "model.channels=[8, 16]", "preprocess.blur.prob=0"])
+    assert params.train.lr == 0.001
+    assert params.model.channels == (8, 16)
+    assert params.preprocess.blur.prob == 0.0
+    for bad in ("train.nope=1", "nope.lr=1", "train.lr"):
+        with pytest.raises(ParamsError):
+            with_overrides(Params(), [bad])
+
+
+def test_every_dvc_stage_param_exists():
+    """Each stage's `params:` entry names a real key, and every key is used by some stage."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    keys = set(flatten(Params()))
+    listed = {p for stage in stages.values() for p in stage.get("params", [])}
+    for name in listed:
+        assert name in keys or any(k.startswith(name + ".") for k in keys), name
+    for key in keys:
+        assert any(key == p or key.startswith(p + ".") for p in listed), f"{key} is used by no stage"
+
+
+def test_flatten_names_leaves_with_dots():
+    flat = flatten({"seed": 1, "train": Params().train, "preprocess": {"blur": {"prob": 0.5}}})
+    assert flat["seed"] == 1 and flat["train.lr"] == 0.001 and flat["preprocess.blur.prob"] == 0.5
+    assert "train" not in flat

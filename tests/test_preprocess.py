@@ -1,0 +1,150 @@
+"""Preprocessing: seeded blur and noise, byte-identical reruns, bad files quarantined and counted."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, make_dataset, synthetic_face
+from deepfake_detector import preprocess
+from deepfake_detector.data import DataError
+from deepfake_detector.params import BlurParams, NoiseParams, PreprocessParams
+
+PARAMS = PreprocessParams(image_size=32, min_source_size=16)
+
+
+def digest_tree(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_degrade_is_seeded_and_changes_pixels():
+    image = np.asarray(synthetic_face(1, 0, 64))
+    always = PreprocessParams(blur=BlurParams(1.0, (1.0, 1.0)), noise=NoiseParams(1.0, (5.0, 5.0)))
+    a, blur, noise = preprocess.degrade(image, always, seed=1, key="train/fake/0001.jpg")
+    b, *_ = preprocess.degrade(image, always, seed=1, key="train/fake/0001.jpg")
+    c, *_ = preprocess.degrade(image, always, seed=2, key="train/fake/0001.jpg")
+    d, *_ = preprocess.degrade(image, always, seed=1, key="train/fake/0002.jpg")
+    assert (blur, noise) == (1.0, 5.0)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, d)
+    assert a.dtype == np.uint8 and a.shape == image.shape
+
+
+def test_blur_and_noise_do_what_they_say():
+    image = np.asarray(synthetic_face(1, 0, 64))  # has a pixel-level checkerboard
+    blur_only = PreprocessParams(blur=BlurParams(1.0, (2.0, 2.0)), noise=NoiseParams(0.0, (5.0, 5.0)))
+    noise_only = PreprocessParams(blur=BlurParams(0.0, (2.0, 2.0)), noise=NoiseParams(1.0, (10.0, 10.0)))
+    neither = PreprocessParams(blur=BlurParams(0.0, (2.0, 2.0)), noise=NoiseParams(0.0, (5.0, 5.0)))
+    blurred, sigma, _ = preprocess.degrade(image, blur_only, 0, "k")
+    hf = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()  # noqa: E731  high-frequency energy
+    assert sigma == 2.0 and hf(blurred) < 0.5 * hf(image)
+    noisy, _, sigma = preprocess.degrade(image, noise_only, 0, "k")
+    residual = noisy.astype(float) - image
+    assert sigma == 10.0 and abs(residual.mean()) < 1.0 and 8.0 < residual.std() < 11.0
+    untouched, b, n = preprocess.degrade(image, neither, 0, "k")
+    assert np.array_equal(untouched, image) and b == n == 0.0
+
+
+def test_rerun_is_byte_identical_and_only_train_is_degraded(tmp_path, dataset):
+    params = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(1.0, (0.5, 1.0)))
+    preprocess.run(dataset, tmp_path / "a", params, seed=7, workers=2, progress=False)
+    preprocess.run(dataset, tmp_path / "b", params, seed=7, workers=1, progress=False)
+    assert digest_tree(tmp_path / "a") == digest_tree(tmp_path / "b")
+    for split, degraded in (("train", True), ("valid", False), ("test", False)):
+        with (tmp_path / "a" / split / "index.csv").open() as f:
+            blurs = [float(r["blur_sigma"]) for r in csv.DictReader(f)]
+        assert len(blurs) == 8 and all((b > 0) == degraded for b in blurs), split
+
+
+def test_output_is_a_loadable_uint8_array_with_labels(tmp_path, dataset):
+    meta = preprocess.run(dataset, tmp_path / "out", PARAMS, seed=0, workers=1, progress=False)
+    images, labels = preprocess.load_split(tmp_path / "out", "valid")
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0] * 4 + [1] * 4  # real first, then fake
+    assert meta["splits"]["valid"] == {"images": 8, "real": 4, "fake": 4, "quarantined": 0,
+                                       "quarantine_reasons": {}, "source_modes": {"RGB": 8}}
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["params"]["image_size"] == 32
+
+
+def test_limit_per_class_takes_the_first_files(tmp_path, dataset):
+    params = PreprocessParams(image_size=32, min_source_size=16, limit_per_class=2)
+    meta = preprocess.run(dataset, tmp_path / "out", params, seed=0, workers=1, progress=False)
+    assert all(s["images"] == 4 for s in meta["splits"].values())
+    with (tmp_path / "out" / "train" / "index.csv").open() as f:
+        names = [r["path"].rsplit("/", 1)[1] for r in csv.DictReader(f)]
+    assert names == ["0000.jpg", "0001.jpg"] * 2
+
+
+def add_bad_files(folder):
+    """The bad inputs a real scrape contains, next to good images."""
+    good = folder / "0000.jpg"
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not a picture\n")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.jpg")
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste((0, 255, 0, 255), (0, 0, 20, 40))
+    rgba.save(folder / "alpha.png")
+    synthetic_face(0, 5).convert("L").save(folder / "grey.jpg")
+
+
+def test_bad_files_are_quarantined_and_counted(tmp_path, dataset):
+    add_bad_files(dataset / "real_vs_fake" / "real-vs-fake" / "train" / "real")
+    meta = preprocess.run(dataset, tmp_path / "out", PARAMS, seed=0, workers=2, progress=False)
+    train = meta["splits"]["train"]
+    assert train["quarantined"] == 4 and meta["quarantined"] == 4
+    assert train["quarantine_reasons"] == {"corrupt image": 1, "empty file": 1, "not an image": 1, "too small": 1}
+    # Alpha PNG and greyscale JPEG are usable: converted to RGB and kept.
+    assert train["images"] == 10 and train["source_modes"] == {"RGB": 8, "RGBA": 1, "L": 1}
+    with (tmp_path / "out" / "quarantine.csv").open() as f:
+        rows = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in csv.DictReader(f)}
+    assert set(rows) == {"truncated.jpg", "empty.jpg", "notes.jpg", "tiny.jpg"}
+    images, _ = preprocess.load_split(tmp_path / "out", "train")
+    with (tmp_path / "out" / "train" / "index.csv").open() as f:
+        order = [r["path"].rsplit("/", 1)[1] for r in csv.DictReader(f)]
+    alpha = images[order.index("alpha.png")]
+    # Transparent area flattened to black, opaque green kept: (left half green, right half black).
+    assert alpha[16, 4].tolist() == [0, 255, 0] and alpha[16, 28].tolist() == [0, 0, 0]
+    grey = images[order.index("grey.jpg")]
+    assert grey.shape == (32, 32, 3) and np.array_equal(grey[..., 0], grey[..., 1])
+
+
+def test_missing_split_folder_is_a_clear_error(tmp_path):
+    root = tmp_path / "ds"
+    make_dataset(root, per_class=1)
+    shutil.rmtree(root / "real_vs_fake" / "real-vs-fake" / "test")
+    with pytest.raises(DataError, match="missing test/"):
+        preprocess.run(root, tmp_path / "out", PARAMS, seed=0, workers=1, progress=False)
+
+
+def test_cli_reports_quarantine_without_failing(tmp_path, dataset, cli_env):
+    add_bad_files(dataset / "real_vs_fake" / "real-vs-fake" / "test" / "fake")
+    result = subprocess.run(
+        [sys.executable, "-m", "deepfake_detector.cli", "preprocess", "--params", str(ROOT / "params.yaml"),
+         "--raw", str(dataset), "--out", str(tmp_path / "out"), "-S", "preprocess.image_size=32",
+         "-S", "preprocess.min_source_size=16", "--workers", "1"],
+        capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "test: 10 images (4 real, 6 fake), 4 quarantined" in result.stdout
+    assert "quarantined 4 files" in result.stdout
+
+
+def test_cli_missing_split_exits_2_without_traceback(tmp_path, cli_env):
+    root = tmp_path / "ds"
+    make_dataset(root, per_class=1)
+    shutil.rmtree(root / "real_vs_fake" / "real-vs-fake" / "valid")
+    result = subprocess.run(
+        [sys.executable, "-m", "deepfake_detector.cli", "preprocess", "--params", str(ROOT / "params.yaml"),
+         "--raw", str(root), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 2
+    assert "missing valid/" in result.stderr and "Traceback" not in result.stderr
