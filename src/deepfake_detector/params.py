@@ -219,6 +219,9 @@ def _coerce(hint: Any, value: Any, key: str, partial: bool) -> Any:
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
+        # MLproject has no int type: its float params arrive as e.g. 20.0, which means 20.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
         # PyYAML reads `1e-3` (no dot) as a string; accept it as the number it means.

@@ -59,15 +59,24 @@ class Tracker:
     @classmethod
     def start(cls, params: MlflowParams, run_name: str | None, log_params: dict[str, Any],
               tags: dict[str, str], parent_run_id: str | None = None) -> Tracker:
-        """Create a run in the configured experiment (a child of ``parent_run_id`` if given)."""
+        """Create a run in the configured experiment (a child of ``parent_run_id`` if given).
+
+        Under ``mlflow run`` (which sets ``MLFLOW_RUN_ID``) the project run it made is used instead.
+        """
         tracker = cls(params)
         if params.enabled:
             with _errors("start an MLflow run"):
-                experiment = mlflow.set_experiment(params.experiment)
+                client = MlflowClient()
                 if parent_run_id:
                     tags = {**tags, "mlflow.parentRunId": parent_run_id}
-                run = MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=tags)
-                tracker.run_id = run.info.run_id
+                elif os.environ.get("MLFLOW_RUN_ID"):
+                    tracker.run_id = os.environ["MLFLOW_RUN_ID"]
+                    for key, value in tags.items():
+                        client.set_tag(tracker.run_id, key, value)
+                if tracker.run_id is None:
+                    experiment = mlflow.set_experiment(params.experiment)
+                    tracker.run_id = client.create_run(experiment.experiment_id, run_name=run_name,
+                                                       tags=tags).info.run_id
                 tracker.log_params(log_params)
         return tracker
 
