@@ -30,15 +30,17 @@ def processed(tmp_path_factory):
 
 def test_fit_learns_and_reports_each_epoch(tmp_path, processed):
     seen = []
-    params = TrainParams(epochs=6, batch_size=16, lr=3e-3)
+    params = TrainParams(epochs=8, batch_size=16, lr=3e-3)
     summary = train.fit(processed, tmp_path, MODEL, params, torch.device("cpu"), seed=0,
                         on_epoch=lambda e, m: seen.append((e, m)), progress=False)
-    assert [e for e, _ in seen] == list(range(1, 7))
-    assert set(seen[0][1]) == {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_auc"}
+    assert [e for e, _ in seen] == list(range(1, 9))
+    assert set(seen[0][1]) == {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_auc", "lr"}
+    lrs = [m["lr"] for _, m in seen]  # cosine schedule: starts at train.lr, decays every epoch
+    assert lrs[0] == params.lr and all(a > b for a, b in zip(lrs, lrs[1:]))
     assert summary["best_valid_auc"] >= 0.95, summary
     with (tmp_path / "history.csv").open() as f:
         history = list(csv.DictReader(f))
-    assert len(history) == 6
+    assert len(history) == 8
     # The saved checkpoint is the best epoch by valid AUC.
     best = max(history, key=lambda r: float(r["valid_auc"]))
     _, ckpt = load_checkpoint(tmp_path / "model.pt")

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -25,8 +26,6 @@ from deepfake_detector.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 CLASSES = ("real", "fake")  # index = label: 0 real, 1 fake (the positive class we detect)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 INFO_FILE = "download.json"
 
 
@@ -108,15 +107,13 @@ def iter_files(folder: Path) -> Iterator[Path]:
 def extract_archive(archive: Path, dest: Path) -> None:
     """Unpack a zip or tar into ``dest``, refusing links and entries that escape it."""
     dest.mkdir(parents=True, exist_ok=True)
-    name = archive.name.lower()
     try:
         if zipfile.is_zipfile(archive):
             _extract_zip(archive, dest)
         elif tarfile.is_tarfile(archive):
             _extract_tar(archive, dest)
         else:
-            raise DataError(f"{archive.name} is not a zip or tar archive"
-                            + ("" if name.endswith(ARCHIVE_SUFFIXES) else f" ({', '.join(ARCHIVE_SUFFIXES)})"))
+            raise DataError(f"{archive.name} is not a zip or tar archive")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"cannot unpack {archive.name}: {exc}") from None
 
@@ -150,8 +147,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
 
 
 def _archive_name(url: str) -> str:
-    name = Path(urllib.request.url2pathname(url.split("?", 1)[0])).name
-    return name or "dataset.archive"
+    return Path(urllib.parse.urlparse(url).path).name or "dataset.archive"
 
 
 def _fetch_url(url: str, target: Path, timeout_s: float, retries: int) -> None:

@@ -40,13 +40,13 @@ class DownloadParams:
 
 @dataclass(frozen=True)
 class BlurParams:
-    prob: float = 0.5
+    prob: float = 0.2
     sigma: tuple[float, float] = (0.1, 1.5)
 
 
 @dataclass(frozen=True)
 class NoiseParams:
-    prob: float = 0.5
+    prob: float = 0.2
     sigma: tuple[float, float] = (1.0, 8.0)  # std of Gaussian noise, in 0-255 pixel units
 
 
@@ -79,10 +79,13 @@ class TrainParams:
     amp: bool = True  # mixed precision, used on CUDA only
     hflip: bool = True  # random horizontal flips; faces are left-right symmetric
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
+    scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
 
     def __post_init__(self) -> None:
         if self.monitor not in ("auc", "accuracy", "loss"):
             raise ParamsError(f"train.monitor must be auc, accuracy or loss, got {self.monitor!r}")
+        if self.scheduler not in ("cosine", "constant"):
+            raise ParamsError(f"train.scheduler must be cosine or constant, got {self.scheduler!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ParamsError("train.epochs and train.batch_size must be at least 1")
 

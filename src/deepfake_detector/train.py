@@ -57,6 +57,9 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                         f"(have {len(train_x)} and {len(valid_x)})")
     model = DeepfakeCNN(model_params, image_size=train_x.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    # Cosine decay to zero settles the weights late in training, where the best checkpoint is picked.
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+                 if params.scheduler == "cosine" else None)
     loss_fn = nn.CrossEntropyLoss()
     use_amp = params.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -92,10 +95,13 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler:
+            scheduler.step()
         valid = compute_metrics(valid_y, predict_proba(model, valid_x, params.batch_size * 2, device))
         row = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                "valid_loss": valid["log_loss"], "valid_accuracy": valid["accuracy"],
-               "valid_auc": valid["roc_auc"]}
+               "valid_auc": valid["roc_auc"], "lr": lr}
         history.append(row)
         if on_epoch:
             on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
