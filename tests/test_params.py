@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
+from deepfake_detector.params import Params, ParamsError, flatten, from_flat, load_params, to_dict, with_overrides
 
 
 def test_params_yaml_loads_and_matches_defaults():
@@ -32,7 +32,7 @@ def test_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize("key, value, message", [
     ("epochs", "ten", r"train\.epochs must be int"),
     ("epochs", True, r"train\.epochs must be int"),
-    ("amp", "yes", r"train\.amp must be bool"),
+    ("amp", "maybe", r"train\.amp must be bool"),
     ("monitor", "f1", r"train\.monitor must be"),
 ])
 def test_mistyped_value_is_named(tmp_path, key, value, message):
@@ -80,3 +80,26 @@ def test_flatten_names_leaves_with_dots():
     flat = flatten({"seed": 1, "train": Params().train, "preprocess": {"blur": {"prob": 0.5}}})
     assert flat["seed"] == 1 and flat["train.lr"] == 0.001 and flat["preprocess.blur.prob"] == 0.5
     assert "train" not in flat
+
+
+def test_from_flat_round_trips_flatten():
+    params = with_overrides(Params(), ["train.epochs=3", "model.channels=[4]"])
+    assert from_flat(flatten(params)) == params
+    with pytest.raises(ParamsError, match="missing parameter"):
+        from_flat({"seed": 1})
+
+
+def test_to_dict_is_plain_yaml_data():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert to_dict(Params()) == raw  # lists, not tuples, at every depth
+
+
+def test_text_values_are_read_as_yaml():
+    """KFP hands every parameter over as text; typed fields parse it, string fields keep it."""
+    flat = {k: str(v) if not isinstance(v, list) else ",".join(map(str, v)) for k, v in flatten(Params()).items()}
+    flat |= {"train.epochs": "3.0", "train.amp": "false", "model.channels": "[8.0, 16.0]", "data.sha256": "",
+             "preprocess.splits": "train,valid", "data.source": "123"}
+    params = from_flat(flat)
+    assert params.train.epochs == 3 and params.train.amp is False and params.model.channels == (8, 16)
+    assert params.preprocess.splits == ("train", "valid") and params.data.source == "123"
+    assert params.data.sha256 == "" and params.preprocess.blur.sigma == Params().preprocess.blur.sigma

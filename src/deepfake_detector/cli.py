@@ -1,5 +1,5 @@
 """``deepfake <stage>``: the one entry point that DVC and MLproject call (KFP components call
-:mod:`deepfake_detector.stages` directly, the same functions)."""
+:mod:`deepfake_detector.stages` directly, the same functions), plus ``deepfake pipeline``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ def cmd_run(p: Params, args: argparse.Namespace) -> None:
     cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation))
 
 
+def cmd_pipeline(p: Params, args: argparse.Namespace) -> None:
+    args.pipeline_func(p, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfake", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -94,7 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = add("run", cmd_run, "download, preprocess, train and evaluate in one process")
     cmd.add_argument("--root", type=Path, default=Path("."), help="where data/, models/ and eval/ go")
     cmd.add_argument("--workers", type=int, default=None)
+    help_ = "compile or submit the Kubeflow pipeline (needs the kubeflow extra)"
+    cmd = sub.add_parser("pipeline", help=help_, description=help_)
+    try:
+        from pipeline.cli import add_arguments  # kfp lives only in pipeline/ and components/
+    except ImportError as exc:
+        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+        cmd.set_defaults(func=_missing_kubeflow(exc), params=Path("params.yaml"), overrides=[])
+    else:
+        add_arguments(cmd, common)
+        cmd.set_defaults(func=cmd_pipeline)
     return parser
+
+
+def _missing_kubeflow(exc: ImportError):
+    def fail(p: Params, args: argparse.Namespace) -> None:
+        raise UserError(f"the Kubeflow commands need the kubeflow extra ({exc}): pip install -e '.[kubeflow]'")
+
+    return fail
 
 
 def main(argv: list[str] | None = None) -> int:

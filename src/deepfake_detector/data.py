@@ -22,6 +22,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 from deepfake_detector.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -37,8 +39,10 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
              retries: int = 3) -> dict:
     """Put the dataset named by ``source`` into ``out_dir`` and return what was fetched.
 
-    ``source`` is ``kaggle:OWNER/NAME``, an ``http(s)://`` URL of a zip or tar archive, or a
-    local folder or archive. ``out_dir`` is replaced only once the new copy is complete.
+    ``source`` is ``kaggle:OWNER/NAME``, an ``http(s)://`` URL of a zip or tar archive, a local
+    folder or archive, or ``dvc:REPO[@REV]``: the ``data/raw`` that this project's pipeline
+    versioned in git repository REPO at revision REV, fetched from that repository's DVC remote.
+    ``out_dir`` is replaced only once the new copy is complete.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +51,9 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
         if source.startswith("kaggle:"):
             kind = "kaggle"
             _copy_tree(_kaggle_download(source.removeprefix("kaggle:")), staging)
+        elif source.startswith("dvc:"):
+            kind = "dvc"
+            dvc_info = _dvc_get(source.removeprefix("dvc:"), staging)
         elif source.startswith(("http://", "https://")):
             kind = "url"
             archive = Path(tmp) / _archive_name(source)
@@ -70,7 +77,7 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
         counts = {split: {cls: sum(1 for _ in iter_files(split_root / split / cls)) for cls in CLASSES}
                   for split in SPLITS}
         info = {"source": source, "kind": kind, "split_root": split_root.relative_to(staging).as_posix(),
-                "files": counts}
+                "files": counts, **({"dvc": dvc_info} if kind == "dvc" else {})}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -191,6 +198,42 @@ def _copy_tree(src: Path, dst: Path) -> None:
         for name in files:
             if name != INFO_FILE:
                 shutil.copyfile(Path(folder) / name, target / name)
+
+
+DVC_DATA_PATH = "data/raw"
+
+
+def _dvc_get(spec: str, dest: Path) -> dict:
+    """``dvc get`` of ``data/raw`` from ``REPO[@REV]``; returns the repo, rev and DVC hash used."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    url, _, rev = spec.rpartition("@")
+    if not url or ":" in rev:  # no @REV, or the @ belongs to the URL (git@host:org/repo)
+        url, rev = spec, ""
+    try:
+        Repo.get(url, DVC_DATA_PATH, out=str(dest), rev=rev or None)
+    except (DvcException, OSError) as exc:
+        raise DataError(f"cannot get {DVC_DATA_PATH} from DVC repo {url}"
+                        f"{f' at {rev}' if rev else ''}: {exc}") from None
+    return {"repo": url, "rev": rev or "HEAD", "md5": _dvc_md5(url, rev or None)}
+
+
+def _dvc_md5(url: str, rev: str | None) -> str | None:
+    """The DVC hash of ``data/raw`` at ``rev``: from dvc.lock (a pipeline output) or data/raw.dvc."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    for path, name in (("dvc.lock", DVC_DATA_PATH), (f"{DVC_DATA_PATH}.dvc", Path(DVC_DATA_PATH).name)):
+        try:
+            doc = yaml.safe_load(dvc.api.read(path, repo=url, rev=rev)) or {}
+        except (DvcException, OSError):
+            continue
+        outs = doc.get("outs", []) + [o for st in doc.get("stages", {}).values() for o in st.get("outs", [])]
+        md5 = next((o.get("md5") for o in outs if o.get("path") == name), None)
+        if md5:
+            return md5
+    return None
 
 
 def _kaggle_download(slug: str) -> Path:

@@ -103,6 +103,7 @@ class MlflowParams:
     experiment: str = "deepfake-detector"
     model_name: str = "deepfake-detector"
     alias: str = "challenger"
+    register_min_auc: float = 0.5  # register (and move the alias) only when test ROC AUC reaches this
 
 
 @dataclass(frozen=True)
@@ -155,16 +156,29 @@ def with_overrides(params: Params, overrides: list[str]) -> Params:
     return from_dict(raw, partial=False)
 
 
+def from_flat(flat: dict[str, Any]) -> Params:
+    """:class:`Params` from dotted keys (``{"train.lr": 0.01, ...}``), every key required."""
+    raw: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(raw, partial=False)
+
+
 def to_dict(params: Any) -> dict[str, Any]:
     """Nested plain dict of a params dataclass (tuples become lists, as in YAML)."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         return value
 
-    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
-            for k, v in dataclasses.asdict(params).items()}
+    return plain(dataclasses.asdict(params))
 
 
 def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
@@ -209,6 +223,14 @@ def _coerce(hint: Any, value: Any, key: str, partial: bool) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key, partial)
     origin = typing.get_origin(hint)
+    if isinstance(value, str) and hint is not str and value.strip():
+        # Text from outside (KFP parameters arrive as strings) is read as YAML: "3" -> 3,
+        # "[8, 16]" -> [8, 16]; a list may also be given comma-separated: "train,valid".
+        value = yaml.safe_load(value)
+        if origin is tuple and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif origin is tuple and not isinstance(value, list):
+            value = [value]  # "8": a one-item list
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

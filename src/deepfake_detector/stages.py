@@ -44,6 +44,9 @@ def train(p: Params, processed: Path, out: Path, progress: bool = False) -> dict
               "data.source": (meta.get("download") or {}).get("source", "unknown")}
     exp_name = os.environ.get("DVC_EXP_NAME")
     tags = {**run_tags(), "device": str(device), **({"dvc.exp_name": exp_name} if exp_name else {})}
+    # Data fetched from a DVC repository (e.g. on Kubeflow): record which version it was.
+    dvc_source = (meta.get("download") or {}).get("dvc") or {}
+    tags |= {f"data.dvc_{k}": str(v) for k, v in dvc_source.items() if v}
     tracker = Tracker.start(p.mlflow, exp_name, logged, tags)
     with tracker.running():
         tracker.log_metrics({f"data.{split}_images": s["images"] for split, s in meta["splits"].items()}
@@ -86,7 +89,14 @@ def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: b
 
 
 def register_model(p: Params, model_dir: Path, metrics: dict) -> str | None:
-    """Register the model trained into ``model_dir`` and point ``mlflow.alias`` at it."""
+    """Register the model trained into ``model_dir`` and point ``mlflow.alias`` at it.
+
+    Nothing is registered when the test ROC AUC is below ``mlflow.register_min_auc``.
+    """
+    if not metrics["roc_auc"] >= p.mlflow.register_min_auc:  # also refuses a NaN AUC
+        print(f"not registered: test ROC AUC {metrics['roc_auc']:.4f} < mlflow.register_min_auc "
+              f"{p.mlflow.register_min_auc}")
+        return None
     tracker, model_uri = Tracker.resume(p.mlflow, Path(model_dir) / RUN_FILE)
     return tracker.register(model_uri, {"test_roc_auc": f"{metrics['roc_auc']:.4f}",
                                         "test_accuracy": f"{metrics['accuracy']:.4f}"})

@@ -163,7 +163,7 @@ class Tracker:
         with _errors(f"register model {name!r}"):
             version = mlflow.register_model(model_uri, name, tags=tags)
             MlflowClient().set_registered_model_alias(name, alias, version.version)
-        return version.version
+        return str(version.version)
 
 
 def run_tags(cwd: Path = Path(".")) -> dict[str, str]:

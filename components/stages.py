@@ -1,0 +1,83 @@
+"""The pipeline's components, built for a given project image.
+
+Each function body is what runs in the container: it rebuilds the full :class:`Params` from the
+flat ``params`` dict (every key of params.yaml, dotted), calls the matching
+``deepfake_detector.stages`` function on the KFP artifact paths and records what it produced as
+artifact metadata. KFP ships the body as source, so imports live inside it (and annotations must stay real types:
+no ``from __future__ import annotations`` here).
+"""
+
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+
+def download(params: dict, raw: Output[Dataset]) -> str:
+    """Fetch ``data.source`` (Kaggle, URL, path, or ``dvc:REPO@REV``); returns the data version."""
+    from deepfake_detector import stages
+    from deepfake_detector.params import from_flat
+
+    info = stages.download(from_flat(params), raw.path)
+    raw.metadata.update({"source": info["source"], "files": info["files"], **info.get("dvc", {})})
+    return (info.get("dvc") or {}).get("md5") or info["source"]
+
+
+def preprocess(params: dict, raw: Input[Dataset], processed: Output[Dataset]) -> None:
+    """Validate, resize and degrade the raw images into memory-mappable arrays."""
+    from deepfake_detector import stages
+    from deepfake_detector.params import from_flat
+
+    meta = stages.preprocess(from_flat(params), raw.path, processed.path)
+    processed.metadata.update({split: s["images"] for split, s in meta["splits"].items()})
+    processed.metadata["quarantined"] = meta["quarantined"]
+
+
+def train(params: dict, processed: Input[Dataset], model: Output[Model], metrics: Output[Metrics]) -> str:
+    """Train the CNN (on a GPU when the node has one); returns the MLflow run id."""
+    from deepfake_detector import stages
+    from deepfake_detector.params import from_flat
+
+    summary = stages.train(from_flat(params), processed.path, model.path)
+    for key, value in summary.items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(key, value)
+    model.metadata.update({"framework": "pytorch", "run_id": summary["run_id"] or "", "device": summary["device"]})
+    return summary["run_id"] or ""
+
+
+def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metrics: Output[Metrics],
+             classification: Output[ClassificationMetrics]) -> float:
+    """Score the test split and log it to the training run; returns the test ROC AUC for the gate."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from deepfake_detector import stages
+    from deepfake_detector.params import from_flat
+
+    with tempfile.TemporaryDirectory() as out:
+        result = stages.evaluate(from_flat(params), processed.path, model.path, Path(out), register=False)
+        roc = json.loads((Path(out) / "plots" / "roc.json").read_text())["roc"]
+    for key, value in result.items():
+        metrics.log_metric(key, value)
+    if roc:
+        classification.log_roc_curve([r["fpr"] for r in roc], [r["tpr"] for r in roc],
+                                     [r["threshold"] for r in roc])
+    classification.log_confusion_matrix(["real", "fake"], [[result["tn"], result["fp"]],
+                                                           [result["fn"], result["tp"]]])
+    return float(result["roc_auc"])
+
+
+def register(params: dict, model: Input[Model], metrics: Input[Metrics]) -> str:
+    """Register the model in MLflow and point the alias at it; returns the version."""
+    from deepfake_detector import stages
+    from deepfake_detector.params import from_flat
+
+    return stages.register_model(from_flat(params), model.path, metrics.metadata) or ""
+
+
+def build(image: str) -> SimpleNamespace:
+    """The components above on ``image``, which must have this project installed (see Dockerfile)."""
+    make = dsl.component(base_image=image, install_kfp_package=False)
+    return SimpleNamespace(**{f.__name__: make(f) for f in (download, preprocess, train, evaluate, register)})

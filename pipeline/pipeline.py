@@ -1,0 +1,90 @@
+"""The ``@dsl.pipeline``: download -> preprocess -> train (GPU) -> evaluate -> gated register.
+
+Its parameters are the keys of ``params.yaml`` with dots as underscores (``train.epochs`` ->
+``train_epochs``), defaults read from the file at compile time, so the KFP UI shows and edits the
+same knobs as ``dvc exp run -S``.
+"""
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfp import dsl, kubernetes
+
+from components.stages import build
+from deepfake_detector.params import Params, flatten
+
+# Keys of the MLflow secret: the URI is required, the rest optional (not every server wants them).
+SECRET_REQUIRED = ("MLFLOW_TRACKING_URI",)
+SECRET_OPTIONAL = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What the cluster gives each step; compile-time, not pipeline parameters."""
+
+    image: str = "ghcr.io/deepfake-detector/deepfake-detector:latest"
+    mlflow_secret: str = "mlflow"  # Kubernetes secret holding MLFLOW_TRACKING_URI (+ credentials)
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = 1  # 0 trains on CPU
+    train_cpu: str = "4"
+    train_memory: str = "16G"
+    download_retries: int = 3
+
+
+def param_name(key: str) -> str:
+    return key.replace(".", "_")
+
+
+def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
+    """The pipeline function, with one parameter per params key defaulting to ``defaults``."""
+    flat = flatten(defaults)
+    names = {key: param_name(key) for key in flat}
+    if len(set(names.values())) != len(names):
+        raise ValueError("two params keys map to the same pipeline parameter name")
+    ops = build(options.image)
+
+    def deepfake_detector_pipeline(*args):
+        # KFP passes the inputs positionally, in signature order (the order of `flat`).
+        params = dict(zip(flat, args))
+        download = ops.download(params=params).set_display_name("download")
+        download.set_retry(num_retries=options.download_retries, backoff_duration="30s", backoff_factor=2)
+        preprocess = ops.preprocess(params=params, raw=download.outputs["raw"]).set_display_name("preprocess")
+        train = ops.train(params=params, processed=preprocess.outputs["processed"]).set_display_name("train")
+        train.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
+        if options.accelerator_limit:
+            train.set_accelerator_type(options.accelerator_type).set_accelerator_limit(options.accelerator_limit)
+        evaluate = ops.evaluate(params=params, processed=preprocess.outputs["processed"],
+                                model=train.outputs["model"]).set_display_name("evaluate")
+        with dsl.If(evaluate.outputs["Output"] >= params["mlflow.register_min_auc"], name="auc-gate"):
+            register = ops.register(params=params, model=train.outputs["model"],
+                                    metrics=evaluate.outputs["metrics"]).set_display_name("register")
+        for task in (download, preprocess, train, evaluate, register):
+            task.set_caching_options(True)
+        for task in (train, evaluate, register):
+            kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in SECRET_REQUIRED})
+        # Storage credentials also serve download, for `data.source: dvc:...` with an S3 remote.
+        for task in (download, train, evaluate, register):
+            kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in SECRET_OPTIONAL},
+                                         optional=True)
+
+    # KFP reads inputs from the signature: one typed, defaulted parameter per key. Lists become
+    # comma-separated strings ("16,32,64"): KFP hands list items inside a dict over as unescaped
+    # JSON, which breaks on strings; Params reads the text back.
+    defaults_ = {key: ",".join(map(str, v)) if isinstance(v, list) else v for key, v in flat.items()}
+    parameters = [inspect.Parameter(names[key], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
+                                    annotation=type(value)) for key, value in defaults_.items()]
+    deepfake_detector_pipeline.__signature__ = inspect.Signature(parameters)
+    deepfake_detector_pipeline.__annotations__ = {p.name: p.annotation for p in parameters}
+    return dsl.pipeline(name="deepfake-detector",
+                        description="Real vs GAN face detector: download, preprocess, train, evaluate, "
+                                    "register to MLflow")(deepfake_detector_pipeline)
+
+
+def compile_pipeline(defaults: Params, out: Path, options: ClusterOptions = ClusterOptions()) -> Path:
+    """Write the pipeline spec with ``defaults`` as parameter defaults to ``out`` (YAML)."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(make_pipeline(defaults, options), str(out))
+    return out
