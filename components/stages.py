@@ -54,12 +54,12 @@ def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metri
     from pathlib import Path
 
     from deepfake_detector import stages
-    from deepfake_detector.params import from_flat
+    from deepfake_detector.params import flatten, from_flat
 
     with tempfile.TemporaryDirectory() as out:
         result = stages.evaluate(from_flat(params), processed.path, model.path, Path(out), register=False)
         roc = json.loads((Path(out) / "plots" / "roc.json").read_text())["roc"]
-    for key, value in result.items():
+    for key, value in flatten(result).items():
         metrics.log_metric(key, value)
     if roc:
         classification.log_roc_curve([r["fpr"] for r in roc], [r["tpr"] for r in roc],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from deepfake_detector.evaluate import compute_metrics
+from deepfake_detector.evaluate import calibration, choose_threshold, compute_metrics, full_report
 
 
 def test_metrics_match_sklearn_on_random_scores():
@@ -41,3 +41,44 @@ def test_one_class_gives_nan_ranking_metrics_not_an_error():
     m = compute_metrics(np.array([1, 1]), np.array([0.2, 0.8]))
     assert np.isnan(m["roc_auc"]) and np.isnan(m["average_precision"])
     assert m["accuracy"] == 0.5
+
+
+def test_eer_brier_and_counts():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    scores = np.clip(labels * 0.25 + rng.normal(0.4, 0.2, 400), 0, 1)
+    m = compute_metrics(labels, scores, threshold=0.5)
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(labels, scores))
+    assert (m["n_real"], m["n_fake"]) == ((labels == 0).sum(), (labels == 1).sum())
+    # EER by brute force: the threshold where the two error rates are closest.
+    best = min(np.unique(scores), key=lambda t: abs(np.mean(scores[labels == 0] >= t) - np.mean(scores[labels == 1] < t)))
+    fpr, fnr = np.mean(scores[labels == 0] >= best), np.mean(scores[labels == 1] < best)
+    assert m["eer"] == pytest.approx((fpr + fnr) / 2, abs=0.01)
+    assert compute_metrics(np.array([0, 1]), np.array([0.2, 0.8]))["eer"] == 0.0
+
+
+def test_threshold_rules_on_validation_scores():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 300)
+    scores = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 300), 0, 1)
+    accuracy = lambda t: np.mean((scores >= t) == labels)  # noqa: E731
+    t = choose_threshold(labels, scores, "max_accuracy")
+    assert accuracy(t) == pytest.approx(max(accuracy(c) for c in np.unique(scores)))
+    t = choose_threshold(labels, scores, "target_fpr", target_fpr=0.1)
+    fpr = lambda t: np.mean(scores[labels == 0] >= t)  # noqa: E731
+    recall = lambda t: np.mean(scores[labels == 1] >= t)  # noqa: E731
+    assert fpr(t) <= 0.1
+    assert recall(t) == pytest.approx(max(recall(c) for c in np.unique(scores) if fpr(c) <= 0.1))
+    assert choose_threshold(labels, scores, "fixed", fixed=0.7) == 0.7
+    assert choose_threshold(np.zeros(5, int), scores[:5], "max_accuracy", fixed=0.3) == 0.3  # one class
+
+
+def test_full_report_keeps_the_0_5_figures_and_calibration_rows():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.3, 0.45, 0.4, 0.7, 0.95])
+    report = full_report(labels, scores, threshold=0.35)
+    assert report["threshold"] == 0.35 and report["tp"] == 3 and report["fp"] == 1
+    assert report["at_0.5"]["tp"] == 2 and report["at_0.5"]["fp"] == 0
+    rows = calibration(labels, scores, bins=2)
+    assert rows == [{"bin": 0.25, "mean_p_fake": pytest.approx(0.3125), "fraction_fake": 0.25, "count": 4},
+                    {"bin": 0.75, "mean_p_fake": pytest.approx(0.825), "fraction_fake": 1.0, "count": 2}]

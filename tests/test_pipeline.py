@@ -139,8 +139,8 @@ def test_registered_model_loads_and_predicts_like_the_checkpoint(repo):
     checkpoint, _ = load_checkpoint(repo / "models" / "model.pt")
     files = sorted((FACES_MINI / "real-vs-fake" / "test" / "fake").glob("*.jpg"))[:4]
     files += sorted((FACES_MINI / "real-vs-fake" / "test" / "real").glob("*.jpg"))[:4]
-    from_registry, errors = predict_files(model, files, image_size=32)
-    from_checkpoint, _ = predict_files(checkpoint, files, image_size=32)
+    from_registry, errors, _ = predict_files(model, files, image_size=32)
+    from_checkpoint, _, _ = predict_files(checkpoint, files, image_size=32)
     assert not errors and from_registry.shape == (8,)
     np.testing.assert_allclose(from_registry, from_checkpoint, rtol=1e-5, atol=1e-6)
     assert np.all((from_registry >= 0) & (from_registry <= 1))

@@ -47,12 +47,37 @@ def cmd_train(p: Params, args: argparse.Namespace) -> None:
 
 def cmd_evaluate(p: Params, args: argparse.Namespace) -> None:
     from deepfake_detector import stages
+    from deepfake_detector.params import flatten
 
-    metrics = stages.evaluate(p, args.data, args.model, args.out)
+    if (Path(args.data) / "meta.json").exists():  # a preprocessed dataset: the pipeline's stage
+        metrics = stages.evaluate(p, args.data, args.model, args.out)
+    else:  # any labelled folder or CSV, scored with a stored model
+        metrics = stages.evaluate_folder(p, args.data, str(args.model), args.out, args.threshold)
     version = metrics.pop("registered_version", None)
-    print("test: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    robustness = metrics.pop("robustness", {})
+    print("test: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in flatten(metrics).items()))
+    for name, row in robustness.items():
+        print(f"  {name:>14}: AUC {row['auc']:.4f}  accuracy {row['accuracy']:.4f}")
+    print(f"metrics and plots in {args.out}")
     if version:
         print(f"registered {p.mlflow.model_name} version {version} as @{p.mlflow.alias}")
+
+
+def cmd_promote(p: Params, args: argparse.Namespace) -> None:
+    from deepfake_detector import stages
+
+    result = stages.promote(p, dry_run=args.dry_run, force=args.force)
+    for reason in result["reasons"]:
+        print(f"  {reason}")
+    target = f"{p.mlflow.model_name} version {result['version']}"
+    verdict = {"promoted": f"{target} is now @{p.promote.alias}",
+               "forced": f"{target} is now @{p.promote.alias} (forced past failed gates)",
+               "rejected": f"{target} stays @{p.mlflow.alias}; @{p.promote.alias} unchanged",
+               "unchanged": f"{target} is already @{p.promote.alias}"}[result["decision"]]
+    print(("dry run, nothing changed: " if result.get("dry_run") else "") + verdict)
+    if result["decision"] == "rejected":
+        raise SystemExit(1)
 
 
 def cmd_run(p: Params, args: argparse.Namespace) -> None:
@@ -62,7 +87,7 @@ def cmd_run(p: Params, args: argparse.Namespace) -> None:
     cmd_download(p, argparse.Namespace(out=raw))
     cmd_preprocess(p, argparse.Namespace(raw=raw, out=processed, workers=args.workers))
     cmd_train(p, argparse.Namespace(data=processed, out=models))
-    cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation))
+    cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation, threshold=None))
 
 
 def cmd_pipeline(p: Params, args: argparse.Namespace) -> None:
@@ -91,10 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = add("train", cmd_train, "train the CNN and log the run to MLflow")
     cmd.add_argument("--data", type=Path, default=Path("data/processed"))
     cmd.add_argument("--out", type=Path, default=Path("models"))
-    cmd = add("evaluate", cmd_evaluate, "score the model on the test split and register it")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
-    cmd.add_argument("--model", type=Path, default=Path("models"))
+    cmd = add("evaluate", cmd_evaluate, "score the model on the test split and register it, or score "
+              "any labelled folder (real/, fake/) or CSV with a stored model")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"),
+                     help="preprocessed data (the pipeline), or a folder with real/ and fake/, or a CSV")
+    cmd.add_argument("--model", default="models", help="folder with model.pt, or an MLflow model URI "
+                     "(models:/deepfake-detector@champion)")
     cmd.add_argument("--out", type=Path, default=Path("eval"))
+    cmd.add_argument("--threshold", type=float, default=None,
+                     help="for a folder or CSV: P(fake) threshold (default: the model's registered one)")
+    cmd = add("promote", cmd_promote, "move the champion alias to the challenger if it passes the gates")
+    cmd.add_argument("--dry-run", action="store_true", help="report the decision, change nothing")
+    cmd.add_argument("--force", action="store_true", help="promote even if a gate fails (recorded as forced)")
     cmd = add("run", cmd_run, "download, preprocess, train and evaluate in one process")
     cmd.add_argument("--root", type=Path, default=Path("."), help="where data/, models/ and eval/ go")
     cmd.add_argument("--workers", type=int, default=None)

@@ -7,6 +7,7 @@ folder that holds the splits.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from deepfake_detector.errors import UserError
@@ -109,6 +111,37 @@ def find_split_root(root: Path, max_depth: int = 4) -> Path:
 def iter_files(folder: Path) -> Iterator[Path]:
     """Files directly in ``folder``, sorted by name so every run sees the same order."""
     return (p for p in sorted(Path(folder).iterdir(), key=lambda p: p.name) if p.is_file())
+
+
+def labelled_files(path: Path) -> tuple[list[Path], np.ndarray]:
+    """Image paths and labels (0 real, 1 fake) of a folder with ``real/`` and ``fake/``, or a CSV.
+
+    The CSV needs a ``path`` column (relative to the CSV's folder, or absolute) and a label:
+    ``label_str`` (real/fake, as in the Kaggle CSVs) or ``label`` as real/fake or 0 (real)/1 (fake).
+    Note the Kaggle CSVs' numeric ``label`` is the other way round; they also carry ``label_str``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        missing = [c for c in CLASSES if not (path / c).is_dir()]
+        if missing:
+            raise DataError(f"{path} needs real/ and fake/ subfolders (missing {', '.join(missing)})")
+        pairs = [(p, label) for label, cls in enumerate(CLASSES) for p in iter_files(path / cls)]
+    elif path.is_file():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        key = "label_str" if rows and "label_str" in rows[0] else "label"
+        if not rows or "path" not in rows[0] or key not in rows[0]:
+            raise DataError(f"{path}: a CSV needs 'path' and 'label' (or 'label_str') columns")
+        names = {"real": 0, "fake": 1, "0": 0, "1": 1}
+        bad = [r[key] for r in rows if r[key].strip().lower() not in names]
+        if bad:
+            raise DataError(f"{path}: labels must be real/fake or 0/1, got {bad[0]!r}")
+        pairs = [(path.parent / r["path"], names[r[key].strip().lower()]) for r in rows]
+    else:
+        raise DataError(f"{path} is neither a folder with real/ and fake/ nor a CSV file")
+    if not pairs:
+        raise DataError(f"{path} has no images")
+    return [p for p, _ in pairs], np.array([label for _, label in pairs], dtype=np.int64)
 
 
 def extract_archive(archive: Path, dest: Path) -> None:

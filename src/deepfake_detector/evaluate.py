@@ -1,116 +1,184 @@
-"""Score a model on a preprocessed split: metrics, ROC and confusion data, and their plots.
+"""Score a model: ranking, threshold and calibration metrics, a robustness matrix, plot data.
 
-The positive class is ``fake`` (label 1): precision and recall are about catching fakes.
+The positive class is ``fake`` (label 1): precision and recall are about catching fakes. The
+decision threshold is chosen on the validation split (``evaluate.threshold_rule``) and then applied
+to the test split, so the test metrics are not tuned on the test data.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn import metrics as skm
 
+from deepfake_detector import plots
 from deepfake_detector.data import CLASSES
 from deepfake_detector.model import load_checkpoint, to_input
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.preprocess import load_split
+from deepfake_detector.robustness import perturbations
+
+NEVER = float(np.nextafter(1.0, 2.0))  # a threshold no probability reaches: nothing is called fake
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int,
-                  device: torch.device) -> np.ndarray:
-    """P(fake) for each image of a uint8 (N, S, S, 3) array, in order."""
+def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """P(fake) for each image of a uint8 (N, S, S, 3) array, in order; ``transform`` edits each batch."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # copy off the memmap
+        batch = np.array(images[start:start + batch_size])  # a copy: memmaps are read-only
+        if transform is not None:
+            batch = transform(batch)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = model(to_input(batch))
+            logits = model(to_input(torch.from_numpy(batch).to(device)))
         out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+def choose_threshold(labels: np.ndarray, p_fake: np.ndarray, rule: str, target_fpr: float = 0.05,
+                     fixed: float = 0.5) -> float:
+    """The P(fake) threshold that ``rule`` picks on these (validation) scores.
+
+    ``max_accuracy``: the highest accuracy; ``target_fpr``: the highest recall whose false
+    positive rate (real faces called fake) stays at or below ``target_fpr``; ``fixed``: ``fixed``.
+    """
+    if rule == "fixed":
+        return fixed
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        return fixed  # no ROC without both classes
+    fpr, tpr, thresholds = skm.roc_curve(labels, p_fake, drop_intermediate=False)
+    thresholds = np.minimum(thresholds, NEVER)  # sklearn's first threshold is inf
+    if rule == "max_accuracy":
+        positives = labels.sum()
+        accuracy = (tpr * positives + (1 - fpr) * (len(labels) - positives)) / len(labels)
+        return float(thresholds[int(np.argmax(accuracy))])
+    if rule == "target_fpr":
+        allowed = np.flatnonzero(fpr <= target_fpr)
+        return float(thresholds[allowed[int(np.argmax(tpr[allowed]))]])
+    raise ValueError(f"unknown threshold rule {rule!r}")
+
+
+def equal_error_rate(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """The rate where false positives (real called fake) equal false negatives (fakes missed)."""
+    fpr, tpr, _ = skm.roc_curve(labels, p_fake)
+    fnr = 1 - tpr
+    i = int(np.argmin(np.abs(fnr - fpr)))
+    return float((fpr[i] + fnr[i]) / 2)
+
+
+def calibration(labels: np.ndarray, p_fake: np.ndarray, bins: int) -> list[dict]:
+    """Reliability-diagram rows: per equal-width bin of P(fake), mean prediction vs share of fakes."""
+    index = np.minimum((np.asarray(p_fake) * bins).astype(int), bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            rows.append({"bin": (b + 0.5) / bins, "mean_p_fake": float(np.mean(p_fake[mask])),
+                         "fraction_fake": float(np.mean(labels[mask])), "count": int(mask.sum())})
+    return rows
+
+
 def compute_metrics(labels: np.ndarray, p_fake: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Threshold metrics at ``threshold`` plus ranking metrics (AUC, AP) and log loss."""
+    """Threshold metrics at ``threshold``, ranking metrics (AUC, AP, EER), calibration and counts."""
     labels = np.asarray(labels).astype(int)
     p_fake = np.asarray(p_fake, dtype=np.float64)
     pred = (p_fake >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
     both = len(np.unique(labels)) == 2  # ranking metrics need both classes present
     return {
-        "n": int(len(labels)),
+        "n": int(len(labels)), "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
+        "threshold": float(threshold),
         "accuracy": float(skm.accuracy_score(labels, pred)),
         "precision": float(skm.precision_score(labels, pred, zero_division=0)),
         "recall": float(skm.recall_score(labels, pred, zero_division=0)),
         "f1": float(skm.f1_score(labels, pred, zero_division=0)),
         "roc_auc": float(skm.roc_auc_score(labels, p_fake)) if both else float("nan"),
         "average_precision": float(skm.average_precision_score(labels, p_fake)) if both else float("nan"),
+        "eer": equal_error_rate(labels, p_fake) if both else float("nan"),
+        "brier": float(skm.brier_score_loss(labels, p_fake, pos_label=1)),
         "log_loss": float(skm.log_loss(labels, p_fake, labels=[0, 1])),
         "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
     }
 
 
-def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluateParams,
-        device: torch.device, split: str = "test") -> dict[str, float]:
-    """Evaluate ``model_path`` on ``split``; writes ``metrics.json`` and ``plots/`` under ``out_dir``."""
-    out_dir = Path(out_dir)
-    plots = out_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+def full_report(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
+    """Metrics at the chosen threshold, plus the threshold metrics at 0.5 for comparison."""
+    at_half = compute_metrics(labels, p_fake, 0.5)
+    return {**compute_metrics(labels, p_fake, threshold),
+            "at_0.5": {k: at_half[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}}
+
+
+def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluateParams, device: torch.device,
+        seed: int = 0) -> dict:
+    """Evaluate on the test split with a threshold chosen on valid; writes metrics.json and plots/.
+
+    Returns the metrics, ``robustness`` (a row per perturbation) included.
+    """
+    out_dir, model_path = Path(out_dir), Path(model_path)
     model, _ = load_checkpoint(model_path, device)
-    images, labels = load_split(processed_dir, split)
+    valid_x, valid_y = load_split(processed_dir, "valid")
+    threshold = choose_threshold(valid_y, predict_proba(model, valid_x, params.batch_size, device),
+                                 params.threshold_rule, params.target_fpr, params.threshold)
+    images, labels = load_split(processed_dir, "test")
     p_fake = predict_proba(model, images, params.batch_size, device)
-    result = compute_metrics(labels, p_fake, params.threshold)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    _write_plot_data(plots, processed_dir, split, labels, p_fake, params.threshold)
+    result = full_report(labels, p_fake, threshold)
+    result["robustness"] = {}
+    for name, transform in perturbations(params.robustness, seed):
+        p = predict_proba(model, images, params.batch_size, device, transform)
+        m = compute_metrics(labels, p, threshold)
+        result["robustness"][name] = {"auc": m["roc_auc"], "accuracy": m["accuracy"]}
+    with (Path(processed_dir) / "test" / "index.csv").open() as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    write_outputs(out_dir, result, labels, p_fake, paths, params, images=images,
+                  history=model_path.parent / "history.csv")
     return result
 
 
-def _write_plot_data(plots: Path, processed_dir: Path, split: str, labels: np.ndarray,
-                     p_fake: np.ndarray, threshold: float) -> None:
-    with (Path(processed_dir) / split / "index.csv").open() as f:
-        paths = [row["path"] for row in csv.DictReader(f)]
+def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.ndarray, paths: list[str],
+                  params: EvaluateParams, images: np.ndarray | None = None, history: Path | None = None) -> None:
+    """``metrics.json`` plus plot data (JSON/CSV for DVC) and PNGs under ``out_dir/plots``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, pngs = out_dir / "plots", out_dir / "plots" / "images"
+    pngs.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    threshold = result["threshold"]
     pred = (p_fake >= threshold).astype(int)
-    with (plots / "predictions.csv").open("w", newline="") as f:
+    with (data / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "actual", "predicted", "p_fake"])
         w.writerows((p, CLASSES[a], CLASSES[b], f"{s:.6f}") for p, a, b, s in zip(paths, labels, pred, p_fake))
-    if len(np.unique(labels)) == 2:
+    both = len(np.unique(labels)) == 2
+    roc = pr = []
+    if both:
         fpr, tpr, thr = skm.roc_curve(labels, p_fake)
-        roc = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(t, 1.0))} for a, b, t in zip(fpr, tpr, thr)]
-    else:
-        roc = []
-    (plots / "roc.json").write_text(json.dumps({"roc": roc}) + "\n")
-    _draw(plots, labels, p_fake, pred, roc)
-
-
-def _draw(plots: Path, labels: np.ndarray, p_fake: np.ndarray, pred: np.ndarray, roc: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    images = plots / "images"
-    images.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([r["fpr"] for r in roc], [r["tpr"] for r in roc], label="model")
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
-    ax.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fakes caught)",
-           title="ROC, test split")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(images / "roc.png", dpi=100)
-    plt.close(fig)
-
-    cm = skm.confusion_matrix(labels, pred, labels=[0, 1])
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES,
-           xlabel="predicted", ylabel="actual", title="Confusion matrix, test split")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(images / "confusion.png", dpi=100)
-    plt.close(fig)
+        roc = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(t, NEVER))} for a, b, t in zip(fpr, tpr, thr)]
+        precision, recall, _ = skm.precision_recall_curve(labels, p_fake)
+        pr = [{"recall": float(r), "precision": float(p)} for p, r in zip(precision, recall)]
+    reliability = calibration(labels, p_fake, params.calibration_bins)
+    robustness = [{"perturbation": k, **v} for k, v in result.get("robustness", {}).items()]
+    for name, rows in (("roc", roc), ("pr", pr), ("calibration", reliability), ("robustness", robustness)):
+        (data / f"{name}.json").write_text(json.dumps({name: rows}) + "\n")
+    plots.roc(pngs / "roc.png", roc, result["roc_auc"])
+    plots.precision_recall(pngs / "precision_recall.png", pr, result["average_precision"])
+    plots.confusion(pngs / "confusion.png", skm.confusion_matrix(labels, pred, labels=[0, 1]), threshold)
+    plots.reliability(pngs / "reliability.png", reliability, result["brier"])
+    if robustness:
+        plots.robustness(pngs / "robustness.png", robustness, result["roc_auc"])
+    if history is not None and history.exists():
+        with history.open() as f:
+            plots.training_curves(pngs / "training_curves.png", list(csv.DictReader(f)))
+    if images is not None:
+        # Most confident mistakes: real faces with the highest P(fake), fakes with the lowest.
+        wrong = np.flatnonzero(pred != labels)
+        confidence = np.where(labels[wrong] == 1, 1 - p_fake[wrong], p_fake[wrong])
+        chosen = wrong[np.argsort(-confidence)[:params.mistakes]]
+        plots.mistakes(pngs / "confident_mistakes.png", [np.asarray(images[i]) for i in chosen],
+                       [f"{CLASSES[labels[i]]}, P(fake) {p_fake[i]:.2f}" for i in chosen])

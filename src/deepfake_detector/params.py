@@ -91,9 +91,39 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class RobustnessParams:
+    """Perturbations of the test split, each level one row of the robustness matrix."""
+
+    jpeg_quality: tuple[int, ...] = (90, 75, 50, 30)  # JPEG re-compression
+    blur_sigma: tuple[float, ...] = (0.5, 1.0, 2.0)  # Gaussian blur, pixels
+    noise_sigma: tuple[float, ...] = (5.0,)  # additive Gaussian noise std, 0-255 units
+    downscale: tuple[float, ...] = (0.5,)  # downscale by this factor, then back up
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 128
-    threshold: float = 0.5  # P(fake) at or above which an image is called fake
+    threshold_rule: str = "max_accuracy"  # on the valid split: max_accuracy | target_fpr | fixed
+    target_fpr: float = 0.05  # target_fpr: highest recall with at most this share of real called fake
+    threshold: float = 0.5  # fixed: P(fake) at or above which an image is called fake
+    calibration_bins: int = 10
+    mistakes: int = 16  # how many of the most confident mistakes to show
+    robustness: RobustnessParams = field(default_factory=RobustnessParams)
+
+    def __post_init__(self) -> None:
+        if self.threshold_rule not in ("max_accuracy", "target_fpr", "fixed"):
+            raise ParamsError("evaluate.threshold_rule must be max_accuracy, target_fpr or fixed, "
+                              f"got {self.threshold_rule!r}")
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """Gates a challenger must pass to become champion (``deepfake promote``)."""
+
+    min_auc: float = 0.8  # test ROC AUC at least this
+    max_auc_drop: float = 0.005  # and at most this much below the current champion's
+    max_robustness_drop: float = 0.25  # worst robustness row's AUC at most this far below clean AUC
+    alias: str = "champion"
 
 
 @dataclass(frozen=True)
@@ -115,6 +145,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 

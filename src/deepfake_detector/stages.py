@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from deepfake_detector import data, evaluate as evaluation, preprocess as prep, train as training
+from deepfake_detector.card import model_card
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.tracking import RUN_FILE, Tracker, run_tags
@@ -65,11 +67,11 @@ def train(p: Params, processed: Path, out: Path, progress: bool = False) -> dict
 
 
 def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: bool = True) -> dict:
-    """Score the test split, log it to the training run, and (optionally) register the model.
+    """Score the test split, log it and the model card to the training run, optionally register.
 
     Returns the metrics, plus ``registered_version`` when a version was registered.
     """
-    model_dir = Path(model_dir)
+    model_dir, out = Path(model_dir), Path(out)
     train_run, _ = Tracker.resume(p.mlflow, model_dir / RUN_FILE)
     eval_params = flatten({"evaluate": p.evaluate})
     logged = train_run.logged_params()
@@ -80,23 +82,89 @@ def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: b
         target = train_run
         target.log_params({k: v for k, v in eval_params.items() if k not in logged})
     with target.running():
-        metrics = evaluation.run(Path(processed), model_dir / "model.pt", Path(out), p.evaluate,
-                                 training.resolve_device("auto"))
-        target.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        target.log_artifacts(Path(out), "evaluation")
-    version = register_model(p, model_dir, metrics) if register else None
+        metrics = evaluation.run(Path(processed), model_dir / "model.pt", out, p.evaluate,
+                                 training.resolve_device("auto"), p.seed)
+        meta = json.loads((Path(processed) / "meta.json").read_text())
+        download_info = meta.get("download") or {}
+        data_info = {"source": download_info.get("source"), **run_tags(), **{
+            f"dvc_{k}": v for k, v in (download_info.get("dvc") or {}).items()},
+            "images (train/valid/test)": "/".join(str(s["images"]) for s in meta["splits"].values())}
+        card = model_card(p.mlflow.model_name, metrics, {**logged, **flatten({"evaluate": p.evaluate})},
+                          data_info, train_run.run_id)
+        (out / "model_card.md").write_text(card)
+        target.log_metrics({f"test_{k}": v for k, v in flatten(metrics).items()})
+        target.log_artifacts(out, "evaluation")
+    version = register_model(p, model_dir, flatten(metrics), card) if register else None
     return {**metrics, **({"registered_version": version} if version else {})}
 
 
-def register_model(p: Params, model_dir: Path, metrics: dict) -> str | None:
+def register_model(p: Params, model_dir: Path, metrics: dict, card: str | None = None) -> str | None:
     """Register the model trained into ``model_dir`` and point ``mlflow.alias`` at it.
 
-    Nothing is registered when the test ROC AUC is below ``mlflow.register_min_auc``.
+    Nothing is registered when the test ROC AUC is below ``mlflow.register_min_auc``. The version
+    gets the model card as its description (read from the run when not given) and the decision
+    threshold as a tag, so whoever loads it applies the same threshold.
     """
     if not metrics["roc_auc"] >= p.mlflow.register_min_auc:  # also refuses a NaN AUC
         print(f"not registered: test ROC AUC {metrics['roc_auc']:.4f} < mlflow.register_min_auc "
               f"{p.mlflow.register_min_auc}")
         return None
     tracker, model_uri = Tracker.resume(p.mlflow, Path(model_dir) / RUN_FILE)
-    return tracker.register(model_uri, {"test_roc_auc": f"{metrics['roc_auc']:.4f}",
-                                        "test_accuracy": f"{metrics['accuracy']:.4f}"})
+    tags = {"test_roc_auc": f"{metrics['roc_auc']:.4f}", "test_accuracy": f"{metrics['accuracy']:.4f}",
+            "threshold": f"{metrics['threshold']:.6f}", "threshold_rule": p.evaluate.threshold_rule}
+    return tracker.register(model_uri, tags, card or tracker.text_artifact("evaluation/model_card.md"))
+
+
+def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold: float | None = None) -> dict:
+    """Score any labelled folder (``real/`` and ``fake/``) or CSV with a stored model; no tracking.
+
+    ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
+    ``threshold``, else the one registered with the model, else ``evaluate.threshold``.
+    """
+    from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.predict import predict_files
+    from deepfake_detector.tracking import load_model, model_threshold
+
+    paths, labels = data.labelled_files(Path(data_path))
+    local = Path(model)
+    if local.exists():
+        net, _ = load_checkpoint(local / "model.pt" if local.is_dir() else local)
+    else:
+        net = load_model(model, p.mlflow)
+        threshold = threshold if threshold is not None else model_threshold(model, p.mlflow)
+    threshold = p.evaluate.threshold if threshold is None else threshold
+    device = training.resolve_device("auto")
+    p_fake, errors, kept = predict_files(net, paths, net.image_size, p.evaluate.batch_size, device)
+    labels = labels[kept]
+    metrics = {**evaluation.full_report(labels, p_fake, threshold), "unreadable": len(errors)}
+    evaluation.write_outputs(Path(out), metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate)
+    if errors:
+        with (Path(out) / "unreadable.csv").open("w") as f:
+            f.write("path,reason\n" + "".join(f"{path},{reason}\n" for path, reason in errors.items()))
+    return metrics
+
+
+def promote(p: Params, dry_run: bool = False, force: bool = False) -> dict:
+    """Move ``promote.alias`` (champion) to the ``mlflow.alias`` (challenger) version if it passes the gates.
+
+    The decision and its reasons are recorded as tags on the challenger version (not in a dry run).
+    """
+    from deepfake_detector.promote import decide
+    from deepfake_detector.tracking import alias_version, move_alias
+
+    challenger = alias_version(p.mlflow, p.mlflow.alias)
+    if challenger is None:
+        raise UserError(f"no {p.mlflow.model_name}@{p.mlflow.alias} to promote: run the pipeline first")
+    champion = alias_version(p.mlflow, p.promote.alias)
+    if champion and champion[0] == challenger[0]:
+        return {"version": challenger[0], "decision": "unchanged", "reasons": ["already the champion"]}
+    passed, reasons = decide(challenger[1], champion[1] if champion else None, p.promote)
+    decision = "promoted" if passed else ("forced" if force else "rejected")
+    result = {"version": challenger[0], "champion_before": champion[0] if champion else None,
+              "decision": decision, "reasons": reasons, "dry_run": dry_run}
+    if not dry_run:
+        tags = {"promotion.decision": decision, "promotion.reasons": "; ".join(reasons),
+                "promotion.compared_with": champion[0] if champion else "none",
+                "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        move_alias(p.mlflow, p.promote.alias if decision != "rejected" else "", challenger[0], tags)
+    return result

@@ -50,7 +50,7 @@ class Tracker:
     def __init__(self, params: MlflowParams, run_id: str | None = None) -> None:
         self.params, self.run_id = params, run_id
         if params.enabled:
-            mlflow.set_tracking_uri(tracking_uri(params))
+            connect(params)
 
     @property
     def active(self) -> bool:
@@ -155,15 +155,75 @@ class Tracker:
         with _errors("read the run"):
             return MlflowClient().get_run(self.run_id).data.params
 
-    def register(self, model_uri: str | None, tags: dict[str, str]) -> str | None:
+    def register(self, model_uri: str | None, tags: dict[str, str], description: str | None = None) -> str | None:
         """Register the logged model ``model_uri`` and point the alias at the new version."""
         if not self.active or not model_uri:
             return None
         name, alias = self.params.model_name, self.params.alias
         with _errors(f"register model {name!r}"):
             version = mlflow.register_model(model_uri, name, tags=tags)
-            MlflowClient().set_registered_model_alias(name, alias, version.version)
+            client = MlflowClient()
+            if description:
+                client.update_model_version(name, version.version, description=description)
+            client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)
+
+    def text_artifact(self, path: str) -> str | None:
+        """A text file logged to this run, or None if there is none."""
+        if not self.active:
+            return None
+        try:
+            return mlflow.artifacts.load_text(f"runs:/{self.run_id}/{path}")
+        except (MlflowException, OSError):
+            return None
+
+
+def connect(params: MlflowParams) -> MlflowClient:
+    """A client for the registry; a server that does not answer fails in seconds, not minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    mlflow.set_tracking_uri(tracking_uri(params))
+    return MlflowClient()
+
+
+def alias_version(params: MlflowParams, alias: str) -> tuple[str, dict[str, float]] | None:
+    """The version of ``params.model_name`` under ``alias`` and its run's metrics; None if unset."""
+    client = connect(params)
+    with _errors(f"read {params.model_name}@{alias}"):
+        try:
+            version = client.get_model_version_by_alias(params.model_name, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    return str(version.version), metrics
+
+
+def move_alias(params: MlflowParams, alias: str, version: str, tags: dict[str, str]) -> None:
+    """Point ``alias`` at ``version`` (unless ``alias`` is empty) and tag that version."""
+    client = connect(params)
+    with _errors(f"update {params.model_name} version {version}"):
+        for key, value in tags.items():
+            client.set_model_version_tag(params.model_name, version, key, value)
+        if alias:
+            client.set_registered_model_alias(params.model_name, alias, version)
+
+
+def model_threshold(model_uri: str, params: MlflowParams) -> float | None:
+    """The decision threshold registered with a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    if not model_uri.startswith("models:/"):
+        return None
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    client = connect(params)
+    with _errors(f"read {model_uri}"):
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    value = version.tags.get("threshold")
+    return float(value) if value else None
 
 
 def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
@@ -191,7 +251,7 @@ def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
 
 def load_model(model_uri: str, params: MlflowParams) -> Any:
     """Load a logged or registered torch model, e.g. ``models:/deepfake-detector@challenger``."""
-    mlflow.set_tracking_uri(tracking_uri(params))
+    connect(params)
     with _errors(f"load {model_uri}"):
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 

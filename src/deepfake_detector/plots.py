@@ -1,0 +1,110 @@
+"""PNG plots of an evaluation (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from deepfake_detector.data import CLASSES
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # servers and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def roc(path: Path, rows: list[dict], auc: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([r["fpr"] for r in rows], [r["tpr"] for r in rows], label=f"model (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    ax.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fakes caught)",
+           title="ROC, test split")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def precision_recall(path: Path, rows: list[dict], ap: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([r["recall"] for r in rows], [r["precision"] for r in rows], label=f"model (AP {ap:.3f})")
+    ax.set(xlabel="recall (fakes caught)", ylabel="precision (flagged that are fake)", ylim=(0, 1.02),
+           title="Precision-recall, test split")
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def confusion(path: Path, matrix: np.ndarray, threshold: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted",
+           ylabel="actual", title=f"Confusion matrix at {threshold:.3f}")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    _save(fig, path)
+
+
+def reliability(path: Path, rows: list[dict], brier: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ax.plot([r["mean_p_fake"] for r in rows], [r["fraction_fake"] for r in rows], "o-",
+            label=f"model (Brier {brier:.3f})")
+    ax.set(xlabel="mean predicted P(fake)", ylabel="fraction that are fake", xlim=(0, 1), ylim=(0, 1),
+           title="Reliability, test split")
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def robustness(path: Path, rows: list[dict], clean_auc: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r["perturbation"] for r in rows]
+    ax.bar(names, [r["auc"] for r in rows], color="tab:blue")
+    ax.axhline(clean_auc, color="black", linestyle="--", label=f"clean AUC {clean_auc:.3f}")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set(ylabel="ROC AUC", ylim=(0, 1), title="Robustness: test AUC under perturbations")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def training_curves(path: Path, history: list[dict]) -> None:
+    plt = _pyplot()
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+    for key in ("train_loss", "valid_loss"):
+        left.plot(epochs, [float(r[key]) for r in history], label=key)
+    for key in ("train_accuracy", "valid_accuracy", "valid_auc"):
+        right.plot(epochs, [float(r[key]) for r in history], label=key)
+    left.set(xlabel="epoch", title="Loss")
+    right.set(xlabel="epoch", title="Accuracy and AUC")
+    left.legend()
+    right.legend()
+    _save(fig, path)
+
+
+def mistakes(path: Path, images: list[np.ndarray], captions: list[str]) -> None:
+    plt = _pyplot()
+    cols = 4
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle("Most confident mistakes" if images else "No mistakes", fontsize=10)
+    _save(fig, path)

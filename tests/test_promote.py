@@ -1,0 +1,128 @@
+"""`deepfake promote` against a real `mlflow server` on loopback: gates, tags, dry run, force."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+NAME = "deepfake-detector"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real MLflow tracking server and registry, started for these tests and stopped after."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=server)
+    client.create_registered_model(NAME)
+    return client
+
+
+def challenger(client, auc: float, worst_robust_auc: float) -> str:
+    """A run with evaluation metrics, registered as a new version and aliased challenger."""
+    experiment = client.get_experiment_by_name("promote-tests") or client.get_experiment(
+        client.create_experiment("promote-tests"))
+    run = client.create_run(experiment.experiment_id)
+    for key, value in {"test_roc_auc": auc, "test_robustness.jpeg_q30.auc": worst_robust_auc,
+                       "test_robustness.blur_s1.auc": auc - 0.01}.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    source = f"{run.info.artifact_uri}/model"  # promotion reads metrics, never the weights
+    version = client.create_model_version(NAME, source, run_id=run.info.run_id).version
+    client.set_registered_model_alias(NAME, "challenger", version)
+    return str(version)
+
+
+def promote(server: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=server)
+    return subprocess.run([sys.executable, "-m", "deepfake_detector.cli", "promote", "--params",
+                           str(ROOT / "params.yaml"), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+def test_promotion_moves_champion_only_through_the_gates(server, client):
+    # 1. No champion yet: a good challenger is promoted, and the version records why.
+    v1 = challenger(client, auc=0.95, worst_robust_auc=0.85)
+    result = promote(server)
+    assert result.returncode == 0, result.stderr
+    assert champion(client) == v1
+    tags = client.get_model_version(NAME, v1).tags
+    assert tags["promotion.decision"] == "promoted" and "no champion" in tags["promotion.reasons"]
+
+    # 2. Worse than the champion by more than max_auc_drop: rejected, champion stays, tags say why.
+    v2 = challenger(client, auc=0.90, worst_robust_auc=0.85)
+    result = promote(server)
+    assert result.returncode == 1 and "@champion unchanged" in result.stdout
+    assert champion(client) == v1
+    tags = client.get_model_version(NAME, v2).tags
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.compared_with"] == v1
+    assert "FAIL: test AUC 0.9000 < champion's 0.9500" in tags["promotion.reasons"]
+
+    # 3. A dry run reports but changes nothing.
+    v3 = challenger(client, auc=0.96, worst_robust_auc=0.90)
+    result = promote(server, "--dry-run")
+    assert result.returncode == 0 and "dry run, nothing changed" in result.stdout
+    assert champion(client) == v1 and "promotion.decision" not in client.get_model_version(NAME, v3).tags
+
+    # 4. Too fragile under perturbations: rejected even though its clean AUC is the best.
+    client.set_registered_model_alias(NAME, "challenger", v3)
+    v4 = challenger(client, auc=0.97, worst_robust_auc=0.60)
+    result = promote(server)
+    assert result.returncode == 1 and champion(client) == v1
+    assert "FAIL: worst robustness AUC drop 0.3700" in client.get_model_version(NAME, v4).tags["promotion.reasons"]
+
+    # 5. --force promotes past the gates, and says so.
+    result = promote(server, "--force")
+    assert result.returncode == 0 and champion(client) == v4
+    assert client.get_model_version(NAME, v4).tags["promotion.decision"] == "forced"
+
+
+def test_a_registry_that_does_not_answer_is_a_clear_error():
+    start = time.monotonic()
+    result = promote(f"http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - start < 60
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "deepfake promote: error: cannot" in result.stderr
