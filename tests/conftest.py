@@ -48,6 +48,19 @@ def dataset(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def synthetic_processed(tmp_path_factory) -> Path:
+    """Synthetic faces whose fakes carry a checkerboard trace, preprocessed at 32 px without degradation."""
+    from deepfake_detector import preprocess
+    from deepfake_detector.params import BlurParams, NoiseParams, PreprocessParams
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_dataset(root / "raw", per_class=24, size=32)
+    clean = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(prob=0.0), noise=NoiseParams(prob=0.0))
+    preprocess.run(root / "raw", root / "processed", clean, seed=0, workers=1, progress=False)
+    return root / "processed"
+
+
 @pytest.fixture
 def faces_mini() -> Path:
     if not (FACES_MINI / "real-vs-fake").is_dir():

@@ -10,21 +10,18 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset, synthetic_face
-from deepfake_detector import preprocess, train
-from deepfake_detector.params import BlurParams, ModelParams, NoiseParams, PreprocessParams, TrainParams
+from conftest import ROOT, synthetic_face
+from deepfake_detector import train
+from deepfake_detector.params import ModelParams, TrainParams
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A small model trained on synthetic faces (fakes carry a checkerboard trace)."""
-    root = tmp_path_factory.mktemp("model")
-    make_dataset(root / "raw", per_class=24, size=32)
-    clean = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(prob=0.0), noise=NoiseParams(prob=0.0))
-    preprocess.run(root / "raw", root / "processed", clean, seed=0, workers=1, progress=False)
-    train.fit(root / "processed", root / "models", ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
+def model_dir(tmp_path_factory, synthetic_processed):
+    """A small model trained on the synthetic faces."""
+    out = tmp_path_factory.mktemp("model")
+    train.fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
               TrainParams(epochs=8, batch_size=16, lr=3e-3), torch.device("cpu"), seed=0, progress=False)
-    return root / "models"
+    return out
 
 
 def labelled_folder(root):

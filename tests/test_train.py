@@ -8,30 +8,18 @@ import json
 import pytest
 import torch
 
-from deepfake_detector import preprocess, train
+from deepfake_detector import train
 from deepfake_detector.errors import UserError
 from deepfake_detector.model import load_checkpoint
-from deepfake_detector.params import BlurParams, ModelParams, NoiseParams, PreprocessParams, TrainParams
-
-from conftest import make_dataset
+from deepfake_detector.params import ModelParams, TrainParams
 
 MODEL = ModelParams(channels=(8, 16), convs_per_block=1, hidden=16, dropout=0.1)
 
 
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    """Synthetic faces whose fakes carry a checkerboard trace, preprocessed without degradation."""
-    root = tmp_path_factory.mktemp("train")
-    make_dataset(root / "raw", per_class=24, size=32)
-    clean = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(prob=0.0), noise=NoiseParams(prob=0.0))
-    preprocess.run(root / "raw", root / "processed", clean, seed=0, workers=1, progress=False)
-    return root / "processed"
-
-
-def test_fit_learns_and_reports_each_epoch(tmp_path, processed):
+def test_fit_learns_and_reports_each_epoch(tmp_path, synthetic_processed):
     seen = []
     params = TrainParams(epochs=8, batch_size=16, lr=3e-3)
-    summary = train.fit(processed, tmp_path, MODEL, params, torch.device("cpu"), seed=0,
+    summary = train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cpu"), seed=0,
                         on_epoch=lambda e, m: seen.append((e, m)), progress=False)
     assert [e for e, _ in seen] == list(range(1, 9))
     assert set(seen[0][1]) == {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_auc", "lr"}
@@ -48,10 +36,10 @@ def test_fit_learns_and_reports_each_epoch(tmp_path, processed):
     assert json.loads((tmp_path / "train.json").read_text())["best_epoch"] == ckpt["epoch"]
 
 
-def test_same_seed_same_weights(tmp_path, processed):
+def test_same_seed_same_weights(tmp_path, synthetic_processed):
     params = TrainParams(epochs=1, batch_size=16)
     for name in ("a", "b"):
-        train.fit(processed, tmp_path / name, MODEL, params, torch.device("cpu"), seed=3, progress=False)
+        train.fit(synthetic_processed, tmp_path / name, MODEL, params, torch.device("cpu"), seed=3, progress=False)
     a, _ = load_checkpoint(tmp_path / "a" / "model.pt")
     b, _ = load_checkpoint(tmp_path / "b" / "model.pt")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -66,7 +54,7 @@ def test_device_resolution():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fit_on_cuda_with_mixed_precision(tmp_path, processed):
+def test_fit_on_cuda_with_mixed_precision(tmp_path, synthetic_processed):
     params = TrainParams(epochs=2, batch_size=16, amp=True)
-    summary = train.fit(processed, tmp_path, MODEL, params, torch.device("cuda"), seed=0, progress=False)
+    summary = train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cuda"), seed=0, progress=False)
     assert summary["device"].startswith("cuda")

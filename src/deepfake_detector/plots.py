@@ -24,25 +24,29 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def roc(path: Path, rows: list[dict], auc: float) -> None:
+def _curve(path: Path, x: list[float], y: list[float], label: str, xlabel: str, ylabel: str, title: str,
+           diagonal: str | None = None, style: str = "-", legend: str = "lower right") -> None:
+    """One model curve on a square plot, with an optional y = x reference line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([r["fpr"] for r in rows], [r["tpr"] for r in rows], label=f"model (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
-    ax.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fakes caught)",
-           title="ROC, test split")
-    ax.legend(loc="lower right")
+    if diagonal:
+        ax.plot([0, 1], [0, 1], "--", color="grey", label=diagonal)
+    ax.plot(x, y, style, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.legend(loc=legend)
     _save(fig, path)
+
+
+def roc(path: Path, rows: list[dict], auc: float) -> None:
+    _curve(path, [r["fpr"] for r in rows], [r["tpr"] for r in rows], f"model (AUC {auc:.3f})",
+           "false positive rate (real called fake)", "true positive rate (fakes caught)", "ROC, test split",
+           diagonal="chance")
 
 
 def precision_recall(path: Path, rows: list[dict], ap: float) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([r["recall"] for r in rows], [r["precision"] for r in rows], label=f"model (AP {ap:.3f})")
-    ax.set(xlabel="recall (fakes caught)", ylabel="precision (flagged that are fake)", ylim=(0, 1.02),
-           title="Precision-recall, test split")
-    ax.legend(loc="lower left")
-    _save(fig, path)
+    _curve(path, [r["recall"] for r in rows], [r["precision"] for r in rows], f"model (AP {ap:.3f})",
+           "recall (fakes caught)", "precision (flagged that are fake)", "Precision-recall, test split",
+           legend="lower left")
 
 
 def confusion(path: Path, matrix: np.ndarray, threshold: float) -> None:
@@ -57,15 +61,9 @@ def confusion(path: Path, matrix: np.ndarray, threshold: float) -> None:
 
 
 def reliability(path: Path, rows: list[dict], brier: float) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
-    ax.plot([r["mean_p_fake"] for r in rows], [r["fraction_fake"] for r in rows], "o-",
-            label=f"model (Brier {brier:.3f})")
-    ax.set(xlabel="mean predicted P(fake)", ylabel="fraction that are fake", xlim=(0, 1), ylim=(0, 1),
-           title="Reliability, test split")
-    ax.legend(loc="upper left")
-    _save(fig, path)
+    _curve(path, [r["mean_p_fake"] for r in rows], [r["fraction_fake"] for r in rows], f"model (Brier {brier:.3f})",
+           "mean predicted P(fake)", "fraction that are fake", "Reliability, test split",
+           diagonal="perfectly calibrated", style="o-", legend="upper left")
 
 
 def robustness(path: Path, rows: list[dict], clean_auc: float) -> None:
