@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup pipeline test ui clean
+.PHONY: setup browser pipeline test ui app clean
 
 setup: $(VENV)/.installed
 
@@ -22,11 +22,21 @@ $(VENV)/.installed: pyproject.toml
 pipeline: setup
 	dvc repro
 
-test: setup
+# The app's browser test (tests/test_app_browser.py) drives Debian's chromium through playwright,
+# which is told never to fetch a browser of its own; installed once, needs root (as in CI).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# The demo app on http://localhost:8501, answering with models:/deepfake-detector@champion
+# (or models/model.pt when nothing is promoted yet).
+app: setup
+	streamlit run app/streamlit_app.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -80,6 +80,15 @@ def cmd_promote(p: Params, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_predict(p: Params, args: argparse.Namespace) -> None:
+    from deepfake_detector import stages
+
+    summary = stages.predict_paths(p, args.paths, args.model, args.out, args.threshold, not args.no_face_crop,
+                                   show_progress())
+    print(f"{summary['images']} images: {summary['fake']} fake, {summary['real']} real "
+          f"(threshold {summary['threshold']:.4f}), {summary['unreadable']} unreadable -> {args.out}")
+
+
 def cmd_run(p: Params, args: argparse.Namespace) -> None:
     """All four stages in order, with the default paths (what MLproject's ``main`` runs)."""
     root = Path(args.root)
@@ -125,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", type=Path, default=Path("eval"))
     cmd.add_argument("--threshold", type=float, default=None,
                      help="for a folder or CSV: P(fake) threshold (default: the model's registered one)")
+    cmd = add("predict", cmd_predict, "score image files and folders into a CSV")
+    cmd.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    cmd.add_argument("--model", default="models:/deepfake-detector@champion",
+                     help="MLflow model URI, or a folder with model.pt (default: %(default)s)")
+    cmd.add_argument("--out", type=Path, default=Path("preds.csv"))
+    cmd.add_argument("--threshold", type=float, default=None, help="default: the model's registered threshold")
+    cmd.add_argument("--no-face-crop", action="store_true", help="score whole images, never crop the largest face")
     cmd = add("promote", cmd_promote, "move the champion alias to the challenger if it passes the gates")
     cmd.add_argument("--dry-run", action="store_true", help="report the decision, change nothing")
     cmd.add_argument("--force", action="store_true", help="promote even if a gate fails (recorded as forced)")

@@ -18,6 +18,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
@@ -58,15 +59,15 @@ def degrade(image: np.ndarray, params: PreprocessParams, seed: int, key: str) ->
     return image, blur_sigma, noise_sigma
 
 
-def load_image(path: Path, size: int, min_source_size: int) -> tuple[np.ndarray, str]:
-    """Decode ``path`` to an RGB ``size`` x ``size`` uint8 array; returns it and the source mode.
+def decode_image(source: Path | BinaryIO) -> tuple[Image.Image, str]:
+    """Decode a file path or binary file object to an RGB image; returns it and the source mode.
 
-    Raises ``ValueError`` with a short reason for files that are not usable images.
+    Raises ``ValueError`` with a short reason for anything that is not a usable image.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()  # a truncated or corrupt file fails here, not later
                 mode = img.mode
                 img = ImageOps.exif_transpose(img)
@@ -75,18 +76,29 @@ def load_image(path: Path, size: int, min_source_size: int) -> tuple[np.ndarray,
                     rgba = img.convert("RGBA")
                     img = Image.new("RGB", rgba.size)
                     img.paste(rgba, mask=rgba.getchannel("A"))
-                img = img.convert("RGB")
+                return img.convert("RGB"), mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError("image too large (decompression bomb guard)") from None
     except Image.UnidentifiedImageError:
-        raise ValueError("not an image" if path.stat().st_size else "empty file") from None
+        empty = Path(source).stat().st_size == 0 if isinstance(source, (str, Path)) else not source.seek(0, 2)
+        raise ValueError("empty file" if empty else "not an image") from None
     except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
         raise ValueError(f"corrupt image: {exc}") from None
+
+
+def fit_image(img: Image.Image, size: int, min_source_size: int) -> np.ndarray:
+    """Centre-crop and resize to ``size`` x ``size`` (bicubic): the model's input, as uint8 HWC."""
     if min(img.size) < min_source_size:
         raise ValueError(f"too small: {img.size[0]}x{img.size[1]} < {min_source_size}")
     if img.size != (size, size):
         img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8), mode
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: Path, size: int, min_source_size: int) -> tuple[np.ndarray, str]:
+    """Decode and fit ``path``; returns the uint8 array and the source mode (ValueError if unusable)."""
+    img, mode = decode_image(path)
+    return fit_image(img, size, min_source_size), mode
 
 
 def _process(args: tuple[Job, PreprocessParams, int]) -> tuple[Job, np.ndarray | None, str, float, float]:

@@ -6,10 +6,14 @@ so ``dvc.yaml`` and ``MLproject``) and the Kubeflow components call these same f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from deepfake_detector import data, evaluate as evaluation, preprocess as prep, train as training
 from deepfake_detector.card import model_card
@@ -30,10 +34,6 @@ def preprocess(p: Params, raw: Path, out: Path, workers: int | None = None, prog
 
 def train(p: Params, processed: Path, out: Path, progress: bool = False) -> dict:
     """Train on ``processed`` into ``out`` inside a new MLflow run; returns the best epoch's summary."""
-    import torch
-
-    from deepfake_detector.model import load_checkpoint, to_input
-
     processed, out = Path(processed), Path(out)
     meta_file = processed / "meta.json"
     if not meta_file.exists():
@@ -59,9 +59,10 @@ def train(p: Params, processed: Path, out: Path, progress: bool = False) -> dict
         for name in ("history.csv", "train.json"):
             tracker.log_artifacts(out / name, "train")
         tracker.log_artifacts(meta_file, "data")
-        model, _ = load_checkpoint(out / "model.pt")
         valid_x, _ = prep.load_split(processed, "valid")
-        model_uri = tracker.log_model(model, to_input(torch.from_numpy(valid_x[:2].copy())).numpy())
+        example = io.BytesIO()
+        Image.fromarray(np.asarray(valid_x[0])).save(example, format="PNG")
+        model_uri = tracker.log_model(out / "model.pt", example.getvalue())
     tracker.save(out / RUN_FILE, model_uri)
     return {**summary, "run_id": tracker.run_id}
 
@@ -121,18 +122,11 @@ def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold
     ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
     ``threshold``, else the one registered with the model, else ``evaluate.threshold``.
     """
-    from deepfake_detector.model import load_checkpoint
     from deepfake_detector.predict import predict_files
-    from deepfake_detector.tracking import load_model, model_threshold
 
     paths, labels = data.labelled_files(Path(data_path))
-    local = Path(model)
-    if local.exists():
-        net, _ = load_checkpoint(local / "model.pt" if local.is_dir() else local)
-    else:
-        net = load_model(model, p.mlflow)
-        threshold = threshold if threshold is not None else model_threshold(model, p.mlflow)
-    threshold = p.evaluate.threshold if threshold is None else threshold
+    net, registered, _ = load_scoring_model(p, model)
+    threshold = registered if threshold is None else threshold
     device = training.resolve_device("auto")
     p_fake, errors, kept = predict_files(net, paths, net.image_size, p.evaluate.batch_size, device)
     labels = labels[kept]
@@ -168,3 +162,57 @@ def promote(p: Params, dry_run: bool = False, force: bool = False) -> dict:
                 "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         move_alias(p.mlflow, p.promote.alias if decision != "rejected" else "", challenger[0], tags)
     return result
+
+
+def load_scoring_model(p: Params, model: str) -> tuple:
+    """(torch module, threshold, description) for a local model folder/file or an MLflow model URI.
+
+    The threshold is the one registered with the model version, else ``evaluate.threshold``.
+    """
+    from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.tracking import load_model, registered_version
+
+    local = Path(model)
+    if local.exists():
+        net, _ = load_checkpoint(local / "model.pt" if local.is_dir() else local)
+        return net, p.evaluate.threshold, f"local {local}"
+    version, threshold = registered_version(model, p.mlflow)
+    described = f"{model} (version {version})" if version else model
+    return load_model(model, p.mlflow), p.evaluate.threshold if threshold is None else threshold, described
+
+
+def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold: float | None = None,
+                  crop_faces: bool = True, progress: bool = False) -> dict:
+    """Score files and folders into a CSV (path, p_fake, label, error), streaming in batches.
+
+    Unreadable files get their reason in ``error`` and are counted; they do not stop the run.
+    """
+    import csv
+
+    from tqdm import tqdm
+
+    from deepfake_detector.predict import iter_images, predict_files
+
+    net, registered, _ = load_scoring_model(p, model)
+    threshold = registered if threshold is None else threshold
+    device = training.resolve_device("auto")
+    files = list(iter_images(paths))
+    counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with Path(out).open("w", newline="") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
+        writer = csv.writer(f)
+        writer.writerow(["path", "p_fake", "label", "error"])
+        for start in range(0, len(files), p.evaluate.batch_size):
+            chunk = files[start:start + p.evaluate.batch_size]
+            p_fake, errors, kept = predict_files(net, chunk, net.image_size, p.evaluate.batch_size, device, crop_faces)
+            scores = dict(zip(kept, p_fake))
+            for i, path in enumerate(chunk):
+                if i in scores:
+                    label = "fake" if scores[i] >= threshold else "real"
+                    counts[label] += 1
+                    writer.writerow([path, f"{scores[i]:.6f}", label, ""])
+                else:
+                    counts["unreadable"] += 1
+                    writer.writerow([path, "", "", errors[path]])
+            bar.update(len(chunk))
+    return {**counts, "threshold": threshold}

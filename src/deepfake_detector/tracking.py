@@ -11,6 +11,7 @@ threshold) logs to a child run instead, because MLflow params are immutable.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -128,25 +130,28 @@ class Tracker:
                 else:
                     MlflowClient().log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model: Any, example: np.ndarray) -> str | None:
-        """Log the torch model with signature and input example as ``model``; call inside :meth:`running`.
+    def log_model(self, checkpoint: Path, example_image: bytes) -> str | None:
+        """Log the model as a pyfunc that takes images; call inside :meth:`running`.
 
-        Pickle format with this package as ``code_paths``: it loads back as the ``DeepfakeCNN``
-        class (so hooks for explanations work), and serving needs no install of this project.
-        The default ``pt2`` export would load as a bare GraphModule.
+        Input: a column ``image`` of base64-encoded image files (JPEG, PNG, WebP); output:
+        ``p_fake``. The wrapper owns the preprocessing (decode, RGB, face crop when the photo is not
+        a tight crop, resize), so `mlflow models serve` answers images directly; the checkpoint is
+        an artifact (weights only, no pickled code) and this package rides along as ``code_paths``.
+        :func:`load_model` unwraps the torch module for in-process use (Grad-CAM needs its layers).
         """
         if not self.active:
             return None
+        import PIL
         import torch
 
-        with torch.no_grad():
-            output = torch.softmax(model(torch.from_numpy(example)), dim=1).numpy()
+        example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
+        signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5]}))
         with _errors("log the model"):
-            return mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pickle",
-                signature=infer_signature(example, output), input_example=example,
-                code_paths=[str(PACKAGE_DIR)],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            return mlflow.pyfunc.log_model(
+                name="model", python_model=ImageModel(), artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                                  f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", "opencv-python-headless"],
             ).model_uri
 
     def logged_params(self) -> dict[str, str]:
@@ -210,10 +215,10 @@ def move_alias(params: MlflowParams, alias: str, version: str, tags: dict[str, s
             client.set_registered_model_alias(params.model_name, alias, version)
 
 
-def model_threshold(model_uri: str, params: MlflowParams) -> float | None:
-    """The decision threshold registered with a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+def registered_version(model_uri: str, params: MlflowParams) -> tuple[str | None, float | None]:
+    """Version number and decision threshold of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     if not model_uri.startswith("models:/"):
-        return None
+        return None, None
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     client = connect(params)
     with _errors(f"read {model_uri}"):
@@ -223,7 +228,7 @@ def model_threshold(model_uri: str, params: MlflowParams) -> float | None:
             name, _, number = name.partition("/")
             version = client.get_model_version(name, number)
     value = version.tags.get("threshold")
-    return float(value) if value else None
+    return str(version.version), float(value) if value else None
 
 
 def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
@@ -249,11 +254,30 @@ def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
     return tags
 
 
+class ImageModel(mlflow.pyfunc.PythonModel):
+    """The served model: base64 image files in, P(fake) out, preprocessing included."""
+
+    def load_context(self, context) -> None:
+        from deepfake_detector.model import load_checkpoint
+
+        self.model, _ = load_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        import torch
+
+        from deepfake_detector.evaluate import predict_proba
+        from deepfake_detector.predict import prepare
+
+        arrays = [prepare(base64.b64decode(b), self.model.image_size).array for b in model_input["image"]]
+        p_fake = predict_proba(self.model, np.stack(arrays), 64, torch.device("cpu"))
+        return pd.DataFrame({"p_fake": p_fake.astype(float)})
+
+
 def load_model(model_uri: str, params: MlflowParams) -> Any:
-    """Load a logged or registered torch model, e.g. ``models:/deepfake-detector@challenger``."""
+    """The torch module of a logged or registered model, e.g. ``models:/deepfake-detector@champion``."""
     connect(params)
     with _errors(f"load {model_uri}"):
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
 
 
 @contextmanager

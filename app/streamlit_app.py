@@ -1,0 +1,98 @@
+"""Upload faces, see real or fake with P(fake), a Grad-CAM heatmap, and which model answered.
+
+    make app        # or: streamlit run app/streamlit_app.py
+
+Configuration (environment): MLFLOW_TRACKING_URI (default: params.yaml's, the repo's sqlite store),
+DEEPFAKE_MODEL_URI (default models:/deepfake-detector@champion), DEEPFAKE_MODEL_PATH (a folder with
+model.pt, used when the registry has no such model; default models), DEEPFAKE_SAMPLES (a dataset
+folder to offer samples from; default data/raw).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from deepfake_detector.data import CLASSES, DataError, find_split_root, iter_files
+from deepfake_detector.errors import UserError
+from deepfake_detector.evaluate import predict_proba
+from deepfake_detector.params import Params, load_params
+from deepfake_detector.predict import grad_cam, overlay, prepare
+from deepfake_detector.stages import load_scoring_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@st.cache_resource(show_spinner="Loading the model...")
+def load_detector(model_uri: str, local_path: str):
+    """(model, threshold, description), or (None, None, why not): the registry first, then the local path."""
+    params_file = ROOT / "params.yaml"
+    params = load_params(params_file) if params_file.exists() else Params()
+    problems = []
+    for source in (model_uri, local_path):
+        if not source:
+            continue
+        if source == local_path and not Path(local_path).exists():
+            problems.append(f"{local_path}: no such folder (no local model.pt)")
+            continue
+        try:
+            return load_scoring_model(params, source)
+        except (UserError, OSError) as exc:
+            problems.append(f"{source}: {exc}")
+    return None, None, "; ".join(problems) or "no model configured"
+
+
+def samples(folder: Path, per_class: int = 3) -> dict[str, Path]:
+    """A few test-split images of the downloaded dataset, if it is there."""
+    try:
+        root = find_split_root(folder)
+    except DataError:
+        return {}
+    return {f"{cls} #{i + 1}": path for cls in CLASSES
+            for i, path in enumerate(list(iter_files(root / "test" / cls))[:per_class])}
+
+
+def show(name: str, data: bytes, model, threshold: float) -> None:
+    st.subheader(name)
+    try:
+        prepared = prepare(data, model.image_size)
+    except ValueError as exc:
+        st.error(f"{name}: {exc}")
+        return
+    import torch
+
+    p_fake = float(predict_proba(model, prepared.array[None], 1, torch.device("cpu"))[0])
+    label = "FAKE" if p_fake >= threshold else "REAL"
+    st.markdown(f"**{label}**: P(fake) {p_fake:.3f} (threshold {threshold:.3f})")
+    st.progress(p_fake, text=f"P(fake) = {p_fake:.1%}")
+    left, right = st.columns(2)
+    left.image(prepared.shown, caption="face crop the model scored" if prepared.face_box else "image the model scored",
+               width="stretch")
+    right.image(overlay(prepared.array, grad_cam(model, prepared.array)), width="stretch",
+                caption="Grad-CAM: regions that pushed towards 'fake'")
+    if prepared.face_box:
+        st.caption(f"Not a tight face crop: the largest face, box {prepared.face_box}, was cropped first.")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Deepfake face detector", page_icon=":mag:")
+    st.title("Real or GAN-generated face?")
+    model_uri = os.environ.get("DEEPFAKE_MODEL_URI", "models:/deepfake-detector@champion")
+    model, threshold, description = load_detector(model_uri, os.environ.get("DEEPFAKE_MODEL_PATH", str(ROOT / "models")))
+    if model is None:
+        st.error(f"No model to answer with ({description}). Train one with `make pipeline`, promote it with "
+                 "`deepfake promote`, or set DEEPFAKE_MODEL_URI / DEEPFAKE_MODEL_PATH.")
+        return
+    st.caption(f"Model: {description}, threshold {threshold:.3f}, input {model.image_size} px")
+    uploads = st.file_uploader("Upload face images", type=["jpg", "jpeg", "png", "webp"], accept_multiple_files=True)
+    offered = samples(Path(os.environ.get("DEEPFAKE_SAMPLES", str(ROOT / "data" / "raw"))))
+    picked = st.selectbox("...or pick a sample", ["(none)", *offered]) if offered else "(none)"
+    for upload in uploads or []:
+        show(upload.name, upload.getvalue(), model, threshold)
+    if picked != "(none)":
+        show(f"sample: {picked}", offered[picked].read_bytes(), model, threshold)
+
+
+main()
