@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +64,43 @@ def synthetic_processed(tmp_path_factory) -> Path:
     clean = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(prob=0.0), noise=NoiseParams(prob=0.0))
     preprocess.run(root / "raw", root / "processed", clean, seed=0, workers=1, progress=False)
     return root / "processed"
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(tmp_path_factory, synthetic_processed) -> Path:
+    """A folder with a small model.pt trained on the synthetic faces (it separates them well)."""
+    import torch
+
+    from deepfake_detector.params import ModelParams, TrainParams
+    from deepfake_detector.train import fit
+
+    out = tmp_path_factory.mktemp("synthetic-model")
+    fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
+        TrainParams(epochs=8, batch_size=16, lr=3e-3), torch.device("cpu"), seed=0, progress=False)
+    return out
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's end if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"{url} did not answer within {timeout}s:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 @pytest.fixture

@@ -5,29 +5,18 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 
 from conftest import FACES_MINI, ROOT, synthetic_face
-from deepfake_detector import train
-from deepfake_detector.params import ModelParams, TrainParams
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 APP = str(ROOT / "app" / "streamlit_app.py")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, synthetic_processed):
-    out = tmp_path_factory.mktemp("app-model")
-    train.fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
-              TrainParams(epochs=1, batch_size=16), torch.device("cpu"), seed=0, progress=False)
-    return out
-
-
 @pytest.fixture
-def app(monkeypatch, tmp_path, model_dir):
+def app(monkeypatch, tmp_path, synthetic_model):
     """The app with an empty registry, so it falls back to the local model."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("DEEPFAKE_MODEL_PATH", str(model_dir))
+    monkeypatch.setenv("DEEPFAKE_MODEL_PATH", str(synthetic_model))
     monkeypatch.setenv("DEEPFAKE_SAMPLES", str(tmp_path / "no-samples"))
     at = streamlit_testing.AppTest.from_file(APP, default_timeout=120)
     at.run()

@@ -10,17 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import FACES_MINI, ROOT, synthetic_face
+from conftest import FACES_MINI, ROOT, free_port, synthetic_face, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.browser,
@@ -36,51 +32,14 @@ RESULT_TIMEOUT_S = 60  # one upload classified and rendered (first one loads tor
 VERDICT = re.compile(r"\b(FAKE|REAL)\b.*P\(fake\)")  # e.g. "**FAKE**: P(fake) 0.873 (threshold 0.537)"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def log_tail(log: Path, chars: int = 4000) -> str:
     """The end of the server log, without the colour codes of streamlit's tracebacks."""
     text = log.read_text(errors="replace") if log.exists() else "(no log)"
     return re.sub(r"\x1b\[[0-9;]*m", "", text)[-chars:]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    """Poll streamlit's health endpoint until it answers, the process dies, or time runs out."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"streamlit did not answer {url}/_stcore/health within {START_TIMEOUT_S}s:\n{log_tail(log)}")
-
-
 @pytest.fixture(scope="module")
-def model_dir(synthetic_processed: Path, tmp_path_factory) -> Path:
-    """A folder with a tiny model.pt trained on the synthetic faces."""
-    import torch
-
-    from deepfake_detector.params import ModelParams, TrainParams
-    from deepfake_detector.train import fit
-
-    out = tmp_path_factory.mktemp("app-model")
-    fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
-        TrainParams(epochs=2, batch_size=16), torch.device("cpu"), seed=0, progress=False)
-    assert (out / "model.pt").is_file()
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory):
+def server(synthetic_model: Path, tmp_path_factory):
     """The app served on a free loopback port; yields ``(url, log path)`` and always stops it."""
     work = tmp_path_factory.mktemp("app-server")
     log = work / "streamlit.log"
@@ -89,7 +48,7 @@ def server(model_dir: Path, tmp_path_factory):
     env.update({
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",  # empty: no registered model
-        "DEEPFAKE_MODEL_PATH": str(model_dir),
+        "DEEPFAKE_MODEL_PATH": str(synthetic_model),
         "DEEPFAKE_SAMPLES": str(work / "no-samples"),  # no sample picker: the page shows only what we upload
         "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
         "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",  # nothing changes under it; spares inotify
@@ -101,7 +60,7 @@ def server(model_dir: Path, tmp_path_factory):
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log)
+        wait_http(f"{url}/_stcore/health", proc, log, START_TIMEOUT_S)
         yield url, log
     finally:
         proc.terminate()

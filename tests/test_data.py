@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from deepfake_detector.data import INFO_FILE, DataError, download, extract_archive
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -77,13 +77,6 @@ def sha256_of(path: Path) -> str:
 
 def relative_files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tar_member(name: str, type_: bytes = tarfile.REGTYPE, linkname: str = "",

@@ -8,20 +8,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, synthetic_face
-from deepfake_detector import train
-from deepfake_detector.params import ModelParams, TrainParams
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, synthetic_processed):
-    """A small model trained on the synthetic faces."""
-    out = tmp_path_factory.mktemp("model")
-    train.fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
-              TrainParams(epochs=8, batch_size=16, lr=3e-3), torch.device("cpu"), seed=0, progress=False)
-    return out
+@pytest.fixture
+def model_dir(synthetic_model):
+    return synthetic_model
 
 
 def labelled_folder(root):

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FACES_MINI, ROOT, make_dataset
+from conftest import FACES_MINI, ROOT, free_port, make_dataset
 from deepfake_detector.data import download
-from deepfake_detector.params import Params, flatten, load_params
+from deepfake_detector.params import flatten, load_params
 
 needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 SMALL = {"data_source": str(FACES_MINI), "preprocess_limit_per_class": 8, "preprocess_image_size": 32,
@@ -132,9 +132,7 @@ def test_auc_gate_skips_registration(tmp_path, monkeypatch):
 def test_submit_to_a_port_with_nothing_listening_fails_fast(tmp_path):
     package = tmp_path / "pipeline.yaml"
     package.write_text("{}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start = time.monotonic()
     result = run_cli("pipeline", "submit", "--params", str(ROOT / "params.yaml"), "--package", str(package),
                      "--host", f"http://127.0.0.1:{port}", "-p", "train.epochs=2", env=dict(os.environ))

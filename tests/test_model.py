@@ -21,11 +21,11 @@ def test_output_is_two_logits_per_image(channels, convs, size):
 def test_depth_and_width_follow_params():
     small = DeepfakeCNN(ModelParams(channels=(8, 16), convs_per_block=1, batch_norm=False), 32)
     large = DeepfakeCNN(ModelParams(channels=(8, 16, 32), convs_per_block=2, batch_norm=True), 32)
-    convs = lambda m: [l for l in m.modules() if isinstance(l, torch.nn.Conv2d)]  # noqa: E731
+    convs = lambda m: [layer for layer in m.modules() if isinstance(layer, torch.nn.Conv2d)]  # noqa: E731
     assert [c.out_channels for c in convs(small)] == [8, 16]
     assert [c.out_channels for c in convs(large)] == [8, 8, 16, 16, 32, 32]
-    assert not any(isinstance(l, torch.nn.BatchNorm2d) for l in small.modules())
-    assert any(isinstance(l, torch.nn.Dropout) for l in small.modules())
+    assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in small.modules())
+    assert any(isinstance(layer, torch.nn.Dropout) for layer in small.modules())
 
 
 def test_to_input_scales_uint8_nhwc_to_float_nchw():

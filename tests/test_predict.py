@@ -8,33 +8,26 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import FACES_MINI, ROOT, synthetic_face
-from deepfake_detector import train
+from conftest import FACES_MINI, ROOT, free_port, synthetic_face, wait_http
 from deepfake_detector.model import load_checkpoint
-from deepfake_detector.params import MlflowParams, ModelParams, TrainParams
+from deepfake_detector.params import MlflowParams
 from deepfake_detector.predict import grad_cam, largest_face, prepare, predict_files
 
 needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, synthetic_processed):
-    out = tmp_path_factory.mktemp("predict-model")
-    train.fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
-              TrainParams(epochs=2, batch_size=16), torch.device("cpu"), seed=0, progress=False)
-    return out
+@pytest.fixture
+def model_dir(synthetic_model):
+    return synthetic_model
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -98,12 +91,6 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
         assert 0 <= float(rows[name]["p_fake"]) <= 1 and rows[name]["label"] in ("real", "fake")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_faces
 def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir, monkeypatch):
     from deepfake_detector.tracking import Tracker, move_alias
@@ -130,14 +117,7 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
                                "-p", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=(tmp_path / "serve.log").open("w"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
         body = json.dumps({"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(face.read_bytes()).decode()]]}})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
