@@ -40,12 +40,7 @@ def prepare(data: bytes, size: int, crop_faces: bool = True, max_bytes: int = MA
     """Check, decode, optionally face-crop and resize an uploaded file; ValueError with the reason."""
     if len(data) > max_bytes:
         raise ValueError(f"file too large: {len(data) / 2**20:.1f} MB > {max_bytes / 2**20:.0f} MB")
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's bomb guard, at our limit
-    try:
-        image, _ = decode_image(io.BytesIO(data))
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    image, _ = decode_image(io.BytesIO(data), max_pixels)
     box = largest_face(image) if crop_faces else None
     shown = image.crop(box) if box else image
     return Prepared(fit_image(shown, size, min_source_size=1), box, shown)

@@ -59,15 +59,18 @@ def degrade(image: np.ndarray, params: PreprocessParams, seed: int, key: str) ->
     return image, blur_sigma, noise_sigma
 
 
-def decode_image(source: Path | BinaryIO) -> tuple[Image.Image, str]:
+def decode_image(source: Path | BinaryIO, max_pixels: int | None = None) -> tuple[Image.Image, str]:
     """Decode a file path or binary file object to an RGB image; returns it and the source mode.
 
-    Raises ``ValueError`` with a short reason for anything that is not a usable image.
+    Raises ``ValueError`` with a short reason for anything that is not a usable image, including
+    images over ``max_pixels`` (checked from the header, before decoding) or PIL's own limit.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
+                if max_pixels and img.size[0] * img.size[1] > max_pixels:
+                    raise Image.DecompressionBombError(f"{img.size[0]}x{img.size[1]} pixels")
                 img.load()  # a truncated or corrupt file fails here, not later
                 mode = img.mode
                 img = ImageOps.exif_transpose(img)
