@@ -2,8 +2,9 @@
 
 Each function body is what runs in the container: it rebuilds the full :class:`Params` from the
 flat ``params`` dict (every key of params.yaml, dotted), calls the matching
-``deepfake_detector.stages`` function on the KFP artifact paths and records what it produced as
-artifact metadata. KFP ships the body as source, so imports live inside it (and annotations must stay real types:
+``deepfake_detector.stages`` function on the KFP artifact paths (train runs ``deepfake train``
+under torchrun instead, one process per GPU) and records what it produced as artifact metadata.
+KFP ships the body as source, so imports live inside it (and annotations must stay real types:
 no ``from __future__ import annotations`` here).
 """
 
@@ -33,17 +34,45 @@ def preprocess(params: dict, raw: Input[Dataset], processed: Output[Dataset]) ->
     processed.metadata["quarantined"] = meta["quarantined"]
 
 
-def train(params: dict, processed: Input[Dataset], model: Output[Model], metrics: Output[Metrics]) -> str:
-    """Train the CNN (on a GPU when the node has one); returns the MLflow run id."""
-    from deepfake_detector import stages
-    from deepfake_detector.params import from_flat
+def train(params: dict, processed: Input[Dataset], nproc_per_node: int, checkpoint_dir: str,
+          model: Output[Model], metrics: Output[Metrics]) -> str:
+    """Train the CNN under torchrun, ``nproc_per_node`` DDP processes; returns the MLflow run id.
 
-    summary = stages.train(from_flat(params), processed.path, model.path)
+    ``checkpoint_dir`` on a persistent volume lets a retried pod resume; "" keeps them in a
+    throwaway folder.
+    """
+    import json
+    import signal
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from deepfake_detector.distributed import torchrun_command
+    from deepfake_detector.params import from_flat, to_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # `deepfake train` reads a params file; this one holds exactly the run's flat params.
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump(to_dict(from_flat(params))))
+        command = torchrun_command(nproc_per_node, [
+            "train", "--params", str(params_file), "--data", processed.path, "--out", model.path,
+            "--checkpoint-dir", checkpoint_dir or str(Path(tmp) / "checkpoints")])
+        process = subprocess.Popen(command)
+        # A preempted pod's SIGTERM, when it reaches this process: pass it on, so torchrun's workers
+        # checkpoint before they stop.
+        signal.signal(signal.SIGTERM, lambda signum, _: process.send_signal(signum))
+        code = process.wait()
+    if code:
+        raise RuntimeError(f"training failed: torchrun exited with code {code}")
+    summary = json.loads((Path(model.path) / "train.json").read_text())
+    run = json.loads((Path(model.path) / "run.json").read_text())
     for key, value in summary.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, value)
-    model.metadata.update({"framework": "pytorch", "run_id": summary["run_id"] or "", "device": summary["device"]})
-    return summary["run_id"] or ""
+    model.metadata.update({"framework": "pytorch", "run_id": run["run_id"] or "", "device": summary["device"]})
+    return run["run_id"] or ""
 
 
 def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metrics: Output[Metrics],

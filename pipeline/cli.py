@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     compile_.add_argument("--out", type=Path, default=Path("pipeline.yaml"))
     for f in fields(ClusterOptions):
         compile_.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                              help=f"default: {f.default}")
+                              help=f"default: {f.default if f.default != '' else 'none'}")
     compile_.set_defaults(pipeline_func=cmd_compile)
 
     submit = sub.add_parser("submit", parents=[common],

@@ -1,4 +1,4 @@
-"""The ``@dsl.pipeline``: download -> preprocess -> train (GPU) -> evaluate -> gated register.
+"""The ``@dsl.pipeline``: download -> preprocess -> train (torchrun, GPUs) -> evaluate -> gated register.
 
 Its parameters are the keys of ``params.yaml`` with dots as underscores (``train.epochs`` ->
 ``train_epochs``), defaults read from the file at compile time, so the KFP UI shows and edits the
@@ -18,6 +18,10 @@ from deepfake_detector.params import Params, flatten
 SECRET_REQUIRED = ("MLFLOW_TRACKING_URI",)
 SECRET_OPTIONAL = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
+# Where ClusterOptions.checkpoint_pvc is mounted on the train step. Checkpoints inside are keyed
+# by a hash of the train params and data, so runs can share the claim.
+CHECKPOINT_MOUNT = "/checkpoints"
+CHECKPOINT_DIR = f"{CHECKPOINT_MOUNT}/deepfake-detector"
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,12 @@ class ClusterOptions:
     image: str = "ghcr.io/deepfake-detector/deepfake-detector:latest"
     mlflow_secret: str = "mlflow"  # Kubernetes secret holding MLFLOW_TRACKING_URI (+ credentials)
     accelerator_type: str = "nvidia.com/gpu"
-    accelerator_limit: int = 1  # 0 trains on CPU
+    accelerator_limit: int = 1  # also torchrun's processes per node; 0 trains on CPU, one process
     train_cpu: str = "4"
     train_memory: str = "16G"
     download_retries: int = 3
+    train_retries: int = 2  # e.g. a preempted node; with checkpoint_pvc the retry resumes
+    checkpoint_pvc: str = ""  # existing PersistentVolumeClaim for resumable checkpoints; "" for none
 
 
 def param_name(key: str) -> str:
@@ -51,10 +57,18 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
         download = ops.download(params=params).set_display_name("download")
         download.set_retry(num_retries=options.download_retries, backoff_duration="30s", backoff_factor=2)
         preprocess = ops.preprocess(params=params, raw=download.outputs["raw"]).set_display_name("preprocess")
-        train = ops.train(params=params, processed=preprocess.outputs["processed"]).set_display_name("train")
+        train = ops.train(params=params, processed=preprocess.outputs["processed"],
+                          nproc_per_node=max(options.accelerator_limit, 1),
+                          checkpoint_dir=CHECKPOINT_DIR if options.checkpoint_pvc else "").set_display_name("train")
         train.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
+        train.set_retry(num_retries=options.train_retries, backoff_duration="60s", backoff_factor=2)
         if options.accelerator_limit:
             train.set_accelerator_type(options.accelerator_type).set_accelerator_limit(options.accelerator_limit)
+        if options.checkpoint_pvc:
+            kubernetes.mount_pvc(train, pvc_name=options.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+        # NCCL passes tensors between the pod's processes through /dev/shm; a container's default
+        # 64 MB is too small for that.
+        kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
         evaluate = ops.evaluate(params=params, processed=preprocess.outputs["processed"],
                                 model=train.outputs["model"]).set_display_name("evaluate")
         with dsl.If(evaluate.outputs["Output"] >= params["mlflow.register_min_auc"], name="auc-gate"):

@@ -29,15 +29,29 @@ def run_cli(*args: str, env: dict, cwd: Path = ROOT, timeout: float = 120) -> su
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory) -> dict:
+def compile_spec(out_dir: Path, *options: str) -> dict:
     """The compiled pipeline (and its Kubernetes platform spec), from the CLI as a user runs it."""
-    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    out = out_dir / "pipeline.yaml"
     result = run_cli("pipeline", "compile", "--params", str(ROOT / "params.yaml"), "--out", str(out),
-                     "--image", "registry.example.com/deepfake-detector:v1", env=dict(os.environ))
+                     "--image", "registry.example.com/deepfake-detector:v1", *options, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     docs = list(yaml.safe_load_all(out.read_text()))
     return {"pipeline": docs[0], "platform": docs[1]["platforms"]["kubernetes"]}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> dict:
+    """Compiled with the default cluster options."""
+    return compile_spec(tmp_path_factory.mktemp("kfp"))
+
+
+def train_step(spec: dict) -> tuple[dict, dict, dict, dict]:
+    """The train task, its compile-time inputs (not params), its container and its Kubernetes config."""
+    task = spec["pipeline"]["root"]["dag"]["tasks"]["train"]
+    constants = {k: v["runtimeValue"]["constant"] for k, v in task["inputs"]["parameters"].items()
+                 if k in ("nproc_per_node", "checkpoint_dir")}
+    container = spec["pipeline"]["deploymentSpec"]["executors"]["exec-train"]["container"]
+    return task, constants, container, spec["platform"]["deploymentSpec"]["executors"]["exec-train"]
 
 
 def test_spec_has_the_stages_in_order_and_the_gate(spec):
@@ -64,6 +78,30 @@ def test_spec_requests_a_gpu_for_training_only(spec):
     assert train["resources"]["resourceCpuRequest"] == "4" and train["resources"]["resourceMemoryRequest"] == "16G"
     assert train["image"] == "registry.example.com/deepfake-detector:v1"
     assert all("accelerator" not in e["container"].get("resources", {}) for n, e in executors.items() if n != "exec-train")
+
+
+def test_spec_trains_under_torchrun_with_retries_and_shared_memory(spec):
+    task, constants, container, platform = train_step(spec)
+    assert constants == {"nproc_per_node": 1, "checkpoint_dir": ""}  # one GPU; no volume, so no resume
+    assert "torchrun_command(nproc_per_node" in container["command"][-1]
+    assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s"
+    assert platform["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory"}]
+    assert "pvcMount" not in platform
+
+
+def test_spec_processes_follow_the_accelerator_limit_and_checkpoints_go_to_the_claim(tmp_path):
+    gpus = compile_spec(tmp_path, "--accelerator-limit", "4", "--checkpoint-pvc", "ckpt-claim",
+                        "--train-retries", "5")
+    task, constants, container, platform = train_step(gpus)
+    assert constants == {"nproc_per_node": 4, "checkpoint_dir": "/checkpoints/deepfake-detector"}
+    assert container["resources"]["accelerator"]["resourceCount"] == "4"
+    assert task["retryPolicy"]["maxRetryCount"] == 5
+    (mount,) = platform["pvcMount"]
+    assert mount["mountPath"] == "/checkpoints"
+    assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "ckpt-claim"
+
+    _, constants, container, _ = train_step(compile_spec(tmp_path, "--accelerator-limit", "0"))
+    assert constants["nproc_per_node"] == 1 and "accelerator" not in container["resources"]
 
 
 def test_spec_parameters_are_params_yaml_with_its_defaults(spec):

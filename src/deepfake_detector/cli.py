@@ -1,5 +1,6 @@
-"""``deepfake <stage>``: the one entry point that DVC and MLproject call (KFP components call
-:mod:`deepfake_detector.stages` directly, the same functions), plus ``deepfake pipeline``."""
+"""``deepfake <stage>``: the one entry point that DVC, MLproject and the Kubeflow train step call
+(the other KFP components call :mod:`deepfake_detector.stages` directly, the same functions), plus
+``deepfake pipeline``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from deepfake_detector.errors import UserError
+from deepfake_detector.errors import Stopped, UserError
 from deepfake_detector.params import Params, load_params, with_overrides
 
 
@@ -37,9 +38,26 @@ def cmd_preprocess(p: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_train(p: Params, args: argparse.Namespace) -> None:
-    from deepfake_detector import stages
+    import subprocess
 
-    s = stages.train(p, args.data, args.out, show_progress())
+    from deepfake_detector import distributed, stages
+    from deepfake_detector.train import auto_processes
+
+    world = distributed.from_env()
+    processes = auto_processes(p.train.device)
+    if processes > 1 and not world.distributed:
+        # `train.device: auto` on a multi-GPU machine: the same command, once per GPU, under torchrun.
+        argv = ["train", "--params", str(args.params), *[f"--set={o}" for o in args.overrides],
+                "--data", str(args.data), "--out", str(args.out)]
+        if args.checkpoint_dir:
+            argv += ["--checkpoint-dir", str(args.checkpoint_dir)]
+        code = subprocess.run(distributed.torchrun_command(processes, argv)).returncode
+        if code:
+            raise SystemExit(code)
+        return
+    s = stages.train(p, args.data, args.out, show_progress(), checkpoint_dir=args.checkpoint_dir)
+    if not world.main:
+        return
     print(f"best epoch {s['best_epoch']}: valid accuracy {s['best_valid_accuracy']:.4f}, "
           f"AUC {s['best_valid_auc']:.4f} ({s['train_seconds']:.1f}s on {s['device']})"
           + (f"; MLflow run {s['run_id']}" if s["run_id"] else ""))
@@ -95,7 +113,8 @@ def cmd_run(p: Params, args: argparse.Namespace) -> None:
     raw, processed, models, evaluation = root / "data/raw", root / "data/processed", root / "models", root / "eval"
     cmd_download(p, argparse.Namespace(out=raw))
     cmd_preprocess(p, argparse.Namespace(raw=raw, out=processed, workers=args.workers))
-    cmd_train(p, argparse.Namespace(data=processed, out=models))
+    cmd_train(p, argparse.Namespace(data=processed, out=models, checkpoint_dir=None, params=args.params,
+                                    overrides=args.overrides))
     cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation, threshold=None))
 
 
@@ -125,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = add("train", cmd_train, "train the CNN and log the run to MLflow")
     cmd.add_argument("--data", type=Path, default=Path("data/processed"))
     cmd.add_argument("--out", type=Path, default=Path("models"))
+    cmd.add_argument("--checkpoint-dir", type=Path, default=None,
+                     help="resumable checkpoints, kept until the stage succeeds (default: OUT/.ckpt)")
     cmd = add("evaluate", cmd_evaluate, "score the model on the test split and register it, or score "
               "any labelled folder (real/, fake/) or CSV with a stored model")
     cmd.add_argument("--data", type=Path, default=Path("data/processed"),
@@ -175,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"deepfake {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"deepfake {args.command}: stopped by signal {exc.signum}; a rerun resumes from the checkpoint",
+              file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
     return 0

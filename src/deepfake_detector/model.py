@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepfake_detector.checkpoint import atomic_save
 from deepfake_detector.params import ModelParams
 
 
@@ -54,10 +55,11 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def save_checkpoint(model: DeepfakeCNN, path: Path, **extra: object) -> None:
-    """Weights plus everything needed to rebuild the model, without pickling code."""
-    torch.save({"config": asdict(model.config), "image_size": model.image_size,
-                "state_dict": model.state_dict(), **extra}, path)
+def save_checkpoint(model: DeepfakeCNN, path: Path, state_dict: dict | None = None, **extra: object) -> None:
+    """Weights (``state_dict``, else the model's own) plus everything needed to rebuild the model,
+    without pickling code; written atomically, so a reader never sees half a file."""
+    atomic_save({"config": asdict(model.config), "image_size": model.image_size,
+                 "state_dict": model.state_dict() if state_dict is None else state_dict, **extra}, path)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DeepfakeCNN, dict]:

@@ -75,13 +75,18 @@ class TrainParams:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision, used on CUDA only
+    device: str = "auto"  # auto (every CUDA device, else CPU) | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
     hflip: bool = True  # random horizontal flips; faces are left-right symmetric
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
     scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
+    data_on_device: str = "auto"  # splits resident in device memory: auto (if they fit) | true | false
+    channels_last: bool = True  # NHWC memory layout, faster convolutions on GPUs and CPUs
+    compile: bool = False  # torch.compile the model: faster steps on GPUs after a warm-up
 
     def __post_init__(self) -> None:
+        if self.data_on_device not in ("auto", "true", "false"):
+            raise ParamsError(f"train.data_on_device must be auto, true or false, got {self.data_on_device!r}")
         if self.monitor not in ("auc", "accuracy", "loss"):
             raise ParamsError(f"train.monitor must be auc, accuracy or loss, got {self.monitor!r}")
         if self.scheduler not in ("cosine", "constant"):
@@ -289,6 +294,8 @@ def _coerce(hint: Any, value: Any, key: str, partial: bool) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif hint is str:
+        if isinstance(value, bool):  # YAML reads `true` as a boolean; switches like auto|true|false want text
+            value = str(value).lower()
         ok = isinstance(value, str)
     else:
         raise TypeError(f"unsupported type for {key}: {hint}")

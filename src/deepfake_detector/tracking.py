@@ -15,6 +15,8 @@ import base64
 import json
 import os
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,9 +97,19 @@ class Tracker:
         info = {"run_id": self.run_id, "model_uri": model_uri, "tracking_uri": uri}
         Path(run_file).write_text(json.dumps(info, indent=2) + "\n")
 
+    @classmethod
+    def reopen(cls, params: MlflowParams, run_id: str) -> Tracker:
+        """Continue the run ``run_id`` (a resumed training run logs on to the run it started)."""
+        return cls(params, run_id if params.enabled else None)
+
     @contextmanager
-    def running(self) -> Iterator[None]:
-        """Make the run active for the block; it ends FAILED if the block raises."""
+    def running(self, pending_end: Path | None = None) -> Iterator[None]:
+        """Make the run active for the block; it ends KILLED if the block is interrupted (Ctrl-C,
+        SIGTERM), FAILED if it raises, FINISHED otherwise.
+
+        A server that does not answer when the run ends must not hide what happened: the status
+        is then written to ``pending_end`` and set by :func:`end_pending` once the server is back.
+        """
         if not self.active:
             yield
             return
@@ -105,10 +117,25 @@ class Tracker:
             mlflow.start_run(run_id=self.run_id)
         try:
             yield
-        except BaseException:
-            mlflow.end_run("FAILED")
+        except BaseException as exc:
+            self._end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", pending_end)
             raise
-        mlflow.end_run()
+        self._end("FINISHED", pending_end)
+
+    def _end(self, status: str, pending_end: Path | None) -> None:
+        try:
+            mlflow.end_run(status)
+        except (MlflowException, OSError) as exc:
+            if pending_end is None:
+                raise
+            Path(pending_end).parent.mkdir(parents=True, exist_ok=True)
+            Path(pending_end).write_text(json.dumps({"run_id": self.run_id, "status": status}) + "\n")
+            print(f"warning: MLflow did not answer ({_first_line(exc)}); run {self.run_id} is marked "
+                  f"{status} by the next train stage that reaches the server", file=sys.stderr)
+
+    def metric_log(self) -> MetricLog | None:
+        """A background sender for this run's metrics (None when tracking is off)."""
+        return MetricLog(self.run_id) if self.active else None
 
     def log_params(self, values: dict[str, Any]) -> None:
         if self.active:
@@ -181,6 +208,88 @@ class Tracker:
             return mlflow.artifacts.load_text(f"runs:/{self.run_id}/{path}")
         except (MlflowException, OSError):
             return None
+
+
+class MetricLog:
+    """Metrics sent by a background thread, so training never waits on the tracking server.
+
+    A failed send warns once and keeps the metrics; they are sent when the server answers again
+    (tried every ``retry_s``), or by :meth:`flush` at the end of the stage.
+    """
+
+    def __init__(self, run_id: str, retry_s: float = 5.0) -> None:
+        self.run_id, self.retry_s = run_id, retry_s
+        self.pending: list[Metric] = []
+        self.failing = False
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def add(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        with self.lock:
+            self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self.idle.clear()
+        self.wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every metric to reach the server; True if they did."""
+        self.wake.set()
+        return self.idle.wait(timeout)
+
+    def close(self, timeout: float) -> int:
+        """Flush, stop the thread; returns how many metrics could not be sent."""
+        self.flush(timeout)
+        self.closed = True
+        self.wake.set()
+        self.thread.join(timeout=1)
+        with self.lock:
+            return len(self.pending)
+
+    def _run(self) -> None:
+        while not self.closed:
+            self.wake.wait(self.retry_s if self.failing else None)
+            self.wake.clear()
+            with self.lock:
+                batch = self.pending[:1000]  # MLflow's limit per log_batch
+                if not batch:
+                    self.idle.set()
+                    continue
+            try:
+                MlflowClient().log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # any failure of the server or the network: keep the metrics, go on
+                if not self.failing:
+                    print(f"warning: MLflow did not take the metrics ({_first_line(exc)}); training goes "
+                          f"on and they are sent when the server answers", file=sys.stderr)
+                self.failing = True
+                continue
+            if self.failing:
+                print("MLflow answers again: buffered metrics sent", file=sys.stderr)
+            self.failing = False
+            with self.lock:
+                del self.pending[:len(batch)]
+                if self.pending:
+                    self.wake.set()
+                else:
+                    self.idle.set()
+
+
+def end_pending(params: MlflowParams, pending_end: Path, resuming: str | None) -> None:
+    """Set the status a run could not get when it ended (the server was down), unless it is the run
+    being resumed now, which goes on."""
+    pending_end = Path(pending_end)
+    if not pending_end.exists():
+        return
+    info = json.loads(pending_end.read_text())
+    if info["run_id"] != resuming and params.enabled:
+        with _errors(f"end run {info['run_id']}"):
+            connect(params).set_terminated(info["run_id"], info["status"])
+        print(f"MLflow run {info['run_id']} marked {info['status']} (it ended while the server was down)")
+    pending_end.unlink()
 
 
 def connect(params: MlflowParams) -> MlflowClient:
@@ -280,11 +389,14 @@ def load_model(model_uri: str, params: MlflowParams) -> Any:
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
 @contextmanager
 def _errors(action: str) -> Iterator[None]:
     """Turn MLflow and connection failures into a one-line :class:`TrackingError`."""
     try:
         yield
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"cannot {action} at {mlflow.get_tracking_uri()}: {first}") from exc
+        raise TrackingError(f"cannot {action} at {mlflow.get_tracking_uri()}: {_first_line(exc)}") from exc

@@ -1,129 +1,375 @@
-"""Train the CNN on preprocessed splits; keep the checkpoint with the best validation metric."""
+"""Train the detector on preprocessed splits: the epoch loop, resumable checkpoints, one or many processes.
+
+Modelled on torchvision's classification references: :func:`train_one_epoch` and :func:`validate`
+around a loop that writes a full checkpoint (model, optimizer, scheduler, scaler, history, best
+weights, RNG states) at the end of every epoch, and mid-epoch when a signal asks it to stop.
+Every random draw (shuffle, flips) comes from one generator on the main thread, so a run resumed
+from a checkpoint ends with the same weights as one never stopped (bit-identical on the CPU).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from deepfake_detector.errors import UserError
-from deepfake_detector.evaluate import compute_metrics, predict_proba
+from deepfake_detector import distributed
+from deepfake_detector.batches import Batches, resident_choice
+from deepfake_detector.checkpoint import CheckpointStore, atomic_write_text
+from deepfake_detector.distributed import SINGLE, World
+from deepfake_detector.errors import Stopped, UserError
+from deepfake_detector.evaluate import compute_metrics
 from deepfake_detector.model import DeepfakeCNN, save_checkpoint, to_input
-from deepfake_detector.params import ModelParams, TrainParams
+from deepfake_detector.params import ModelParams, TrainParams, to_dict
 from deepfake_detector.preprocess import load_split
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# Params that change how fast training runs, never what it computes: a checkpoint made with other
+# values of these is still resumed (e.g. a preempted GPU run continued on another node).
+SPEED_ONLY = ("device", "data_on_device", "compile")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
+def resolve_device(name: str, world: World = SINGLE) -> torch.device:
+    """``auto`` picks CUDA when present (this rank's GPU under torchrun), else CPU; an explicit
+    CUDA request without CUDA is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", world.local_rank)
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    if device.type == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
     return device
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def auto_processes(name: str) -> int:
+    """How many training processes ``train.device`` asks for: every GPU for ``auto``, else one."""
+    return torch.cuda.device_count() if name == "auto" and torch.cuda.is_available() else 1
+
+
+def run_config(seed: int, model: ModelParams, params: TrainParams, data: dict[str, str]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the params that shape the result, and the data."""
+    train = {k: v for k, v in to_dict(params).items() if k not in SPEED_ONLY}
+    return {"seed": seed, "model": to_dict(model), "train": train, "data": data}
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), fp16 on older GPUs, none on CPU."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class StopRequest(threading.Event):
+    """Set by a signal handler; ``signum`` says which signal."""
+
+    signum: int = signal.SIGTERM
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """SIGTERM and SIGINT set the returned event: the loop checkpoints and stops at the next step.
+
+    A second Ctrl-C interrupts at once. Outside the main thread (signals cannot be caught there)
+    the event is never set.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class Position:
+    """Where training stands: the next epoch and step, and the running sums of the epoch under way."""
+
+    epoch: int = 1
+    step: int = 0
+    order: torch.Tensor | None = None  # this epoch's shuffled indices, once drawn
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_sum, correct, seen
+
+
+class Trainer:
+    """Model, optimizer and everything else a checkpoint holds, for one training run."""
+
+    def __init__(self, model_params: ModelParams, params: TrainParams, image_size: int, device: torch.device,
+                 seed: int, world: World) -> None:
+        self.params, self.device, self.world = params, device, world
+        # Dropout masks differ per rank; the shuffle generator is the same on every rank.
+        torch.manual_seed(seed + world.rank)
+        random.seed(seed)
+        np.random.seed(seed)
+        self.model = DeepfakeCNN(model_params, image_size).to(device)
+        if params.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        # Cosine decay to zero settles the weights late in training, where the best checkpoint is picked.
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=params.epochs)
+                          if params.scheduler == "cosine" else None)
+        self.dtype = autocast_dtype(device, params.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = Position()
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.seconds = 0.0  # training time before this process, from the checkpoint
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint: everything needed to go on exactly where training stands."""
+        rng = distributed.gather(_local_rng(self.device), self.world)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(), "rng": rng,
+                "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
+                "position": {"epoch": self.position.epoch, "step": self.position.step,
+                             "order": self.position.order,
+                             "sums": {k: v.cpu() for k, v in self.position.sums.items()}},
+                "history": self.history, "best": self.best, "best_state": self.best_state,
+                "seconds": self.seconds}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        # Saved by a run with the same number of processes: each rank gets its own streams back.
+        rng = state["rng"][self.world.rank] if len(state["rng"]) == self.world.size else state["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        random.setstate(state["python_rng"])
+        n = state["numpy_rng"]
+        np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        pos = state["position"]
+        self.position = Position(pos["epoch"], pos["step"], pos["order"],
+                                 {k: v.to(self.device) for k, v in pos["sums"].items()})
+        self.history, self.best, self.best_state = state["history"], state["best"], state["best_state"]
+        self.seconds = state["seconds"]
 
 
 def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: TrainParams,
-        device: torch.device, seed: int, on_epoch: EpochCallback | None = None,
-        progress: bool = True) -> dict:
-    """Train for ``params.epochs``; writes ``model.pt`` (best epoch) and ``history.csv`` to ``out_dir``.
+        device: torch.device, seed: int, on_epoch: EpochCallback | None = None, progress: bool = True,
+        store: CheckpointStore | None = None, resume: dict[str, Any] | None = None,
+        world: World = SINGLE, extra_state: dict[str, Any] | None = None) -> dict:
+    """Train for ``params.epochs``; rank 0 writes ``model.pt`` (best epoch), ``history.csv`` and
+    ``train.json`` to ``out_dir``.
 
-    ``on_epoch(epoch, metrics)`` is called after each epoch (tracking hooks in here). Returns the
-    best epoch's metrics and the wall time.
+    ``store`` receives a checkpoint at the end of every epoch (with ``extra_state``, e.g. the MLflow
+    run id) and when SIGTERM/SIGINT arrives, which then raises :class:`Stopped`; ``resume`` (a
+    checkpoint from it) continues that run. ``on_epoch(epoch, metrics)`` is called on rank 0 before
+    each epoch's checkpoint (tracking hooks in here). Returns the best epoch's metrics and the time.
     """
-    seed_everything(seed)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_x, train_y = load_split(processed_dir, "train")
     valid_x, valid_y = load_split(processed_dir, "valid")
     if len(train_x) == 0 or len(valid_x) == 0:
         raise UserError(f"{processed_dir}: train and valid splits need images "
                         f"(have {len(train_x)} and {len(valid_x)})")
-    model = DeepfakeCNN(model_params, image_size=train_x.shape[1]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    # Cosine decay to zero settles the weights late in training, where the best checkpoint is picked.
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-                 if params.scheduler == "cosine" else None)
-    loss_fn = nn.CrossEntropyLoss()
-    use_amp = params.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    generator = torch.Generator().manual_seed(seed)
-    train_labels = torch.from_numpy(train_y)
+    if params.batch_size < world.size:
+        raise UserError(f"train.batch_size {params.batch_size} is smaller than the {world.size} processes")
+    if device.type == "cuda":
+        # TF32 matmuls and convolutions: full-range fp32 at tensor-core speed; cudnn picks the fastest kernels.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    trainer = Trainer(model_params, params, train_x.shape[1], device, seed, world)
+    if resume is not None:
+        trainer.load(resume)
+    net: nn.Module = trainer.model
+    if world.distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if params.compile:
+        net = torch.compile(net)
+    resident = resident_choice(params.data_on_device, train_x.nbytes + valid_x.nbytes, device)
+    train_data = Batches(train_x, train_y, device, resident)
+    valid_data = Batches(valid_x, valid_y, device, resident)
     sign = -1.0 if params.monitor == "loss" else 1.0
-    best: dict = {"score": -float("inf")}
-    history = []
-    start = time.perf_counter()
-    for epoch in range(1, params.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train_x), generator=generator)
-        batches = [order[i:i + params.batch_size] for i in range(0, len(order), params.batch_size)]
-        total_loss = correct = seen = 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{params.epochs}", disable=not progress, unit="batch",
-                   leave=False)
-        for idx in bar:
-            # Sorted indices read the memory map sequentially; the batch order stays random.
-            idx = idx.sort().values
-            x = to_input(torch.from_numpy(np.ascontiguousarray(train_x[idx.numpy()])).to(device))
-            y = train_labels[idx].to(device)
-            if params.hflip:
-                flip = torch.rand(len(x), generator=generator) < 0.5
-                x[flip.to(device)] = x[flip.to(device)].flip(-1)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler:
-            scheduler.step()
-        valid = compute_metrics(valid_y, predict_proba(model, valid_x, params.batch_size * 2, device))
-        row = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-               "valid_loss": valid["log_loss"], "valid_accuracy": valid["accuracy"],
-               "valid_auc": valid["roc_auc"], "lr": lr}
-        history.append(row)
-        if on_epoch:
-            on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
-        score = sign * {"auc": valid["roc_auc"], "accuracy": valid["accuracy"], "loss": valid["log_loss"]}[
-            params.monitor]
-        if epoch == 1 or score > best["score"]:  # NaN AUC (one-class valid) never beats epoch 1
-            best = {"score": score, **row}
-            save_checkpoint(model, out_dir / "model.pt", epoch=epoch, valid=valid)
-        # One line per epoch always (CI and `dvc repro` logs); the per-batch bar only at a terminal.
-        tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-                   f"valid loss {row['valid_loss']:.4f} acc {row['valid_accuracy']:.3f} "
-                   f"auc {row['valid_auc']:.3f}")
-    _write_history(out_dir / "history.csv", history)
+    extra = extra_state or {}
+    with stop_requests() as stop:
+        while trainer.position.epoch <= params.epochs:
+            epoch = trainer.position.epoch
+            started = time.perf_counter()
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            finished = train_one_epoch(trainer, net, train_data, stop, progress)
+            if not finished:
+                trainer.seconds += time.perf_counter() - started
+                state = trainer.state()
+                if world.main and store is not None:
+                    store.save({**state, **extra}, epoch, trainer.position.step)
+                raise Stopped(stop.signum)
+            sums = _reduce_sums(trainer.position.sums, world)
+            if trainer.scheduler:
+                trainer.scheduler.step()
+            distributed.sync_buffers(trainer.model, world)
+            valid = compute_metrics(valid_y, validate(trainer.model, valid_data, params.batch_size * 2,
+                                                      trainer.dtype, world, params.channels_last))
+            trainer.seconds += time.perf_counter() - started
+            row = {"epoch": epoch, "train_loss": sums["loss_sum"] / sums["seen"],
+                   "train_accuracy": sums["correct"] / sums["seen"], "valid_loss": valid["log_loss"],
+                   "valid_accuracy": valid["accuracy"], "valid_auc": valid["roc_auc"], "lr": lr,
+                   "epoch_seconds": time.perf_counter() - started}
+            trainer.history.append(row)
+            score = sign * {"auc": valid["roc_auc"], "accuracy": valid["accuracy"], "loss": valid["log_loss"]}[
+                params.monitor]
+            if trainer.best is None or score > trainer.best["score"]:  # NaN AUC (one-class valid) never wins
+                trainer.best = {"score": score, **row}
+                trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            trainer.position = Position(epoch + 1)
+            state = trainer.state()  # collective (RNG states of every rank): all ranks take part
+            if world.main:
+                if on_epoch:
+                    on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
+                if store is not None:
+                    store.save({**state, **extra}, epoch)
+                # One line per epoch, printed once its checkpoint is on disk (CI and `dvc repro` logs).
+                tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+                           f"valid loss {row['valid_loss']:.4f} acc {row['valid_accuracy']:.3f} "
+                           f"auc {row['valid_auc']:.3f} | {row['epoch_seconds']:.1f}s")
+    best = trainer.best
     summary = {"best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
                "best_valid_accuracy": best["valid_accuracy"], "best_valid_auc": best["valid_auc"],
-               "train_seconds": time.perf_counter() - start, "device": str(device)}
-    (out_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "train_seconds": trainer.seconds, "device": str(device), "processes": world.size,
+               "data_on_device": resident}
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
+                         "log_loss": best["valid_loss"]}
+        save_checkpoint(trainer.model, out_dir / "model.pt", state_dict=trainer.best_state,
+                        epoch=best["epoch"], valid=valid_at_best)
+        atomic_write_text(out_dir / "history.csv", _history_csv(trainer.history))
+        atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+def epoch_batches(order: torch.Tensor, batch_size: int, world: World) -> list[torch.Tensor]:
+    """This rank's batches of one epoch's shuffled ``order``, each sorted (sequential memmap reads).
+
+    Under DDP step i of rank r takes every ``world.size``-th index of the global batch i, so the
+    ranks together train on the same global batches as one process does; the tail that does not
+    split evenly is dropped so every rank takes the same number of steps.
+    """
+    if world.distributed:
+        usable = len(order) - len(order) % world.size
+        order = order[:usable]
+        batch_size //= world.size
+        order = order[world.rank::world.size]
+    return [order[i:i + batch_size].sort().values for i in range(0, len(order), batch_size)]
+
+
+def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopRequest,
+                    progress: bool) -> bool:
+    """Train from ``trainer.position`` to the end of its epoch; False if stopped by a signal first.
+
+    The loss and accuracy sums stay on the device: no host synchronisation per step.
+    """
+    params, device, pos, world = trainer.params, trainer.device, trainer.position, trainer.world
+    if pos.order is None:
+        pos.order = torch.randperm(len(data), generator=trainer.generator)
+        pos.step = 0
+        pos.sums = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
+                    dtype=torch.int64), "seen": torch.zeros((), device=device, dtype=torch.int64)}
+    batches = epoch_batches(pos.order, params.batch_size, world)
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    bar = tqdm(total=len(batches), initial=pos.step, desc=f"epoch {pos.epoch}/{params.epochs}",
+               disable=not progress or not world.main, unit="batch", leave=False)
+    with bar:
+        for x, y in data.iterate(batches[pos.step:]):
+            if distributed.any_rank(stop.is_set(), world, device):
+                return False
+            x = to_input(x)
+            x = x.contiguous(memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
+            if params.hflip:
+                flip = (torch.rand(len(y), generator=trainer.generator) < 0.5).to(device, non_blocking=True)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            with torch.autocast(device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+            pos.sums["loss_sum"] += loss.detach() * len(y)
+            pos.sums["correct"] += (logits.argmax(1) == y).sum()
+            pos.sums["seen"] += len(y)
+            pos.step += 1
+            bar.update()
+    return True
+
+
+@torch.no_grad()
+def validate(model: nn.Module, data: Batches, batch_size: int, dtype: torch.dtype | None, world: World,
+             channels_last: bool = True) -> np.ndarray:
+    """P(fake) of every image of ``data``, in order. Under DDP each rank scores every
+    ``world.size``-th image and all gather, so the result equals one process's (no padding)."""
+    model.eval()
+    mine = torch.arange(world.rank, len(data), world.size)
+    out = []
+    for x, _ in data.iterate([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]):
+        x = to_input(x).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1)[:, 1])
+    p_fake = torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
+    if not world.distributed:
+        return p_fake
+    full = np.empty(len(data), dtype=np.float32)
+    for idx, part in distributed.gather((mine.numpy(), p_fake), world):
+        full[idx] = part
+    return full
+
+
+def _reduce_sums(sums: dict[str, torch.Tensor], world: World) -> dict[str, float]:
+    """The epoch's loss and accuracy sums over every rank, read from the device once."""
+    local = {k: float(v.item()) for k, v in sums.items()}
+    return {k: sum(part[k] for part in distributed.gather(local, world)) for k in local}
+
+
+def _local_rng(device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _history_csv(history: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
