@@ -118,17 +118,22 @@ class Position:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_sum, correct, seen
 
 
-class Trainer:
-    """Model, optimizer and everything else a checkpoint holds, for one training run."""
+def seed_everything(seed: int, world: World = SINGLE) -> None:
+    """Seed the global generators (weight init, dropout); dropout masks differ per rank."""
+    torch.manual_seed(seed + world.rank)
+    random.seed(seed)
+    np.random.seed(seed)
 
-    def __init__(self, model_params: ModelParams, params: TrainParams, image_size: int, device: torch.device,
-                 seed: int, world: World) -> None:
+
+class Trainer:
+    """Model, optimizer and everything else a checkpoint holds, for one training run.
+
+    ``model`` takes float NCHW input in [0, 1] and returns two logits (real, fake).
+    """
+
+    def __init__(self, model: nn.Module, params: TrainParams, device: torch.device, seed: int, world: World) -> None:
         self.params, self.device, self.world = params, device, world
-        # Dropout masks differ per rank; the shuffle generator is the same on every rank.
-        torch.manual_seed(seed + world.rank)
-        random.seed(seed)
-        np.random.seed(seed)
-        self.model = DeepfakeCNN(model_params, image_size).to(device)
+        self.model = model.to(device)
         if params.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -204,7 +209,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    trainer = Trainer(model_params, params, train_x.shape[1], device, seed, world)
+    seed_everything(seed, world)
+    trainer = Trainer(DeepfakeCNN(model_params, train_x.shape[1]), params, device, seed, world)
     if resume is not None:
         trainer.load(resume)
     net: nn.Module = trainer.model
@@ -309,24 +315,37 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
         for x, y in data.iterate(batches[pos.step:]):
             if distributed.any_rank(stop.is_set(), world, device):
                 return False
-            x = to_input(x)
-            x = x.contiguous(memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
-            if params.hflip:
-                flip = (torch.rand(len(y), generator=trainer.generator) < 0.5).to(device, non_blocking=True)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            with torch.autocast(device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.scaler.scale(loss).backward()
-            trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
+            loss, logits = train_step(trainer, net, prepare_batch(trainer, x, params.hflip), y, loss_fn)
             pos.sums["loss_sum"] += loss.detach() * len(y)
             pos.sums["correct"] += (logits.argmax(1) == y).sum()
             pos.sums["seen"] += len(y)
             pos.step += 1
             bar.update()
     return True
+
+
+def prepare_batch(trainer: Trainer, images: torch.Tensor, hflip: bool) -> torch.Tensor:
+    """uint8 NHWC images on the device to the model's float input, randomly flipped when ``hflip``
+    (the draws from the trainer's generator, on this thread)."""
+    x = to_input(images)
+    x = x.contiguous(memory_format=torch.channels_last if trainer.params.channels_last else torch.contiguous_format)
+    if hflip:
+        flip = (torch.rand(len(x), generator=trainer.generator) < 0.5).to(x.device, non_blocking=True)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a prepared batch; returns the loss and logits (still on the device)."""
+    with torch.autocast(trainer.device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
+        logits = net(x)
+    loss = loss_fn(logits.float(), y)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    return loss, logits
 
 
 @torch.no_grad()
