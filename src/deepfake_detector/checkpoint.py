@@ -17,8 +17,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -26,14 +28,15 @@ NAME = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.pt$")
 KEEP = 2
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+@contextmanager
+def _replacing(path: Path, mode: str) -> Iterator[IO]:
+    """A temporary file beside ``path`` to write; once written, synced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,18 +45,16 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` so that ``path`` holds the previous content or the new one, never half of it."""
+    with _replacing(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _replacing(path, "w") as f:
+        f.write(text)
 
 
 def data_fingerprint(processed_dir: Path, splits: tuple[str, ...] = ("train", "valid")) -> dict[str, str]:
