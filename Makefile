@@ -1,7 +1,8 @@
 # Two entry points for a fresh clone:
 #   make pipeline   set up .venv and run the DVC pipeline (download -> preprocess -> train -> evaluate)
 #   make test       set up .venv and run the test suite
-# Everything else is plain `dvc`, `mlflow` and `deepfake` inside .venv (see README).
+# Everything else is plain `dvc`, `mlflow`, `deepfake` and (for Kubeflow) `deepfake-pipeline`
+# inside .venv (see README).
 
 PYTHON ?= python3
 VENV   ?= .venv

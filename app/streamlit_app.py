@@ -17,17 +17,19 @@ import streamlit as st
 
 from deepfake_detector.data import CLASSES, DataError, find_split_root, iter_files
 from deepfake_detector.errors import UserError
-from deepfake_detector.evaluate import predict_proba
 from deepfake_detector.params import Params, load_params
-from deepfake_detector.predict import grad_cam, overlay, prepare
-from deepfake_detector.stages import load_scoring_model
+from deepfake_detector.predict import overlay
+from deepfake_detector.stages import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @st.cache_resource(show_spinner="Loading the model...")
-def load_detector(model_uri: str, local_path: str):
-    """(model, threshold, description), or (None, None, why not): the registry first, then the local path."""
+def detector_for(model_uri: str, local_path: str):
+    """(Detector, None), or (None, why not): the registry first, then the local path.
+
+    One Detector serves every session: it is never modified, and its Grad-CAM uses no hooks.
+    """
     params_file = ROOT / "params.yaml"
     params = load_params(params_file) if params_file.exists() else Params()
     problems = []
@@ -38,10 +40,10 @@ def load_detector(model_uri: str, local_path: str):
             problems.append(f"{local_path}: no such folder (no local model.pt)")
             continue
         try:
-            return load_scoring_model(params, source)
+            return load_detector(params, source), None
         except (UserError, OSError) as exc:
             problems.append(f"{source}: {exc}")
-    return None, None, "; ".join(problems) or "no model configured"
+    return None, "; ".join(problems) or "no model configured"
 
 
 def samples(folder: Path, per_class: int = 3) -> dict[str, Path]:
@@ -54,23 +56,20 @@ def samples(folder: Path, per_class: int = 3) -> dict[str, Path]:
             for i, path in enumerate(list(iter_files(root / "test" / cls))[:per_class])}
 
 
-def show(name: str, data: bytes, model, threshold: float) -> None:
+def show(name: str, data: bytes, detector) -> None:
     st.subheader(name)
     try:
-        prepared = prepare(data, model.image_size)
+        prepared = detector.prepare(data)
     except ValueError as exc:
         st.error(f"{name}: {exc}")
         return
-    import torch
-
-    p_fake = float(predict_proba(model, prepared.array[None], 1, torch.device("cpu"))[0])
-    label = "FAKE" if p_fake >= threshold else "REAL"
-    st.markdown(f"**{label}**: P(fake) {p_fake:.3f} (threshold {threshold:.3f})")
+    p_fake = float(detector.predict(prepared.array[None])[0])
+    st.markdown(f"**{detector.label(p_fake).upper()}**: P(fake) {p_fake:.3f} (threshold {detector.threshold:.3f})")
     st.progress(p_fake, text=f"P(fake) = {p_fake:.1%}")
     left, right = st.columns(2)
     left.image(prepared.shown, caption="face crop the model scored" if prepared.face_box else "image the model scored",
                width="stretch")
-    right.image(overlay(prepared.array, grad_cam(model, prepared.array)), width="stretch",
+    right.image(overlay(prepared.array, detector.explain(prepared.array)), width="stretch",
                 caption="Grad-CAM: regions that pushed towards 'fake'")
     if prepared.face_box:
         st.caption(f"Not a tight face crop: the largest face, box {prepared.face_box}, was cropped first.")
@@ -80,19 +79,20 @@ def main() -> None:
     st.set_page_config(page_title="Deepfake face detector", page_icon=":mag:")
     st.title("Real or GAN-generated face?")
     model_uri = os.environ.get("DEEPFAKE_MODEL_URI", "models:/deepfake-detector@champion")
-    model, threshold, description = load_detector(model_uri, os.environ.get("DEEPFAKE_MODEL_PATH", str(ROOT / "models")))
-    if model is None:
-        st.error(f"No model to answer with ({description}). Train one with `make pipeline`, promote it with "
+    detector, problem = detector_for(model_uri, os.environ.get("DEEPFAKE_MODEL_PATH", str(ROOT / "models")))
+    if detector is None:
+        st.error(f"No model to answer with ({problem}). Train one with `make pipeline`, promote it with "
                  "`deepfake promote`, or set DEEPFAKE_MODEL_URI / DEEPFAKE_MODEL_PATH.")
         return
-    st.caption(f"Model: {description}, threshold {threshold:.3f}, input {model.image_size} px")
+    st.caption(f"Model: {detector.source}, threshold {detector.threshold:.3f} ({detector.decision.rule}), "
+               f"input {detector.image_size} px")
     uploads = st.file_uploader("Upload face images", type=["jpg", "jpeg", "png", "webp"], accept_multiple_files=True)
     offered = samples(Path(os.environ.get("DEEPFAKE_SAMPLES", str(ROOT / "data" / "raw"))))
     picked = st.selectbox("...or pick a sample", ["(none)", *offered]) if offered else "(none)"
     for upload in uploads or []:
-        show(upload.name, upload.getvalue(), model, threshold)
+        show(upload.name, upload.getvalue(), detector)
     if picked != "(none)":
-        show(f"sample: {picked}", offered[picked].read_bytes(), model, threshold)
+        show(f"sample: {picked}", offered[picked].read_bytes(), detector)
 
 
 main()

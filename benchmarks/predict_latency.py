@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepfake_detector.evaluate import predict_proba
+from deepfake_detector.detector import Detector
 from deepfake_detector.params import Params
-from deepfake_detector.predict import grad_cam, prepare
-from deepfake_detector.stages import load_scoring_model
 
 FACES_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces-mini"
 
@@ -29,24 +27,23 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--images", type=int, default=200)
     args = parser.parse_args()
-    model, _, described = load_scoring_model(Params(), args.model)
+    detector = Detector.load(args.model, Params().mlflow)
     files = sorted((FACES_MINI / "real-vs-fake" / "test").rglob("*.jpg"))[: args.images]
     payloads = [f.read_bytes() for f in files]
-    cpu = torch.device("cpu")
     for payload in payloads[:5]:  # warm-up: first calls pay for allocation and the cascade load
-        predict_proba(model, prepare(payload, model.image_size).array[None], 1, cpu)
+        detector.predict(detector.prepare(payload).array[None])
     for label, with_cam in (("predict", False), ("predict + Grad-CAM", True)):
         times = []
         for payload in payloads:
             start = time.perf_counter()
-            array = prepare(payload, model.image_size).array
-            predict_proba(model, array[None], 1, cpu)
+            array = detector.prepare(payload).array
+            detector.predict(array[None])
             if with_cam:
-                grad_cam(model, array)
+                detector.explain(array)
             times.append(time.perf_counter() - start)
         ms = np.array(times) * 1000
         print(f"{label:>20}: p50 {np.percentile(ms, 50):6.1f} ms  p95 {np.percentile(ms, 95):6.1f} ms  "
-              f"({len(ms)} images, {torch.get_num_threads()} threads, {described})")
+              f"({len(ms)} images, {torch.get_num_threads()} threads, {detector.source})")
 
 
 if __name__ == "__main__":

@@ -35,29 +35,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from deepfake_detector.batches import Batches, resident_choice  # noqa: E402
 from deepfake_detector.distributed import SINGLE  # noqa: E402
-from deepfake_detector.model import DeepfakeCNN  # noqa: E402
+from deepfake_detector.model import build_model  # noqa: E402
+from deepfake_detector.augment import draw  # noqa: E402
 from deepfake_detector.params import ModelParams, TrainParams  # noqa: E402
 from deepfake_detector.train import Trainer, epoch_batches, prepare_batch, train_step  # noqa: E402
 
 
 def build(arch: str, size: int) -> nn.Module:
-    if arch == "cnn":
-        return DeepfakeCNN(ModelParams(), size)
-    import torchvision
-
-    return getattr(torchvision.models, arch)(num_classes=2)
+    return build_model(ModelParams(arch=arch), size, pretrained="none")
 
 
-def timed(trainer: Trainer, net: nn.Module, batches, hflip: bool, images: int) -> float:
-    """Images per second over ``batches`` (an iterable of (uint8 images, labels) or float inputs)."""
+def timed(trainer: Trainer, net: nn.Module, batches, plan: dict | None, images: int) -> float:
+    """Images per second over ``batches`` (an iterable of (uint8 images, labels, indices) or float
+    inputs); ``plan`` augments the uint8 ones."""
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
     start = time.perf_counter()
     loss_fn = nn.CrossEntropyLoss()
     net.train()
-    for x, y in batches:
+    for x, y, idx in batches:
         if x.dtype == torch.uint8:
-            x = prepare_batch(trainer, x, hflip)
+            x = prepare_batch(trainer, x, {k: v[idx] for k, v in plan.items()} if plan else None)
         train_step(trainer, net, x, y, loss_fn)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
@@ -67,19 +65,26 @@ def timed(trainer: Trainer, net: nn.Module, batches, hflip: bool, images: int) -
 def measure(arch: str, device: torch.device, amp: bool, compile_: bool, images: np.ndarray,
             labels: np.ndarray, batch_size: int, warmup: int, repeats: int) -> dict:
     params = TrainParams(batch_size=batch_size, amp=amp, compile=compile_)
-    trainer = Trainer(build(arch, images.shape[1]), params, device, seed=0, world=SINGLE)
+    order = torch.randperm(len(images))
+    batches = epoch_batches(order, batch_size, SINGLE)
+    trainer = Trainer(build(arch, images.shape[1]), params, device, seed=0, world=SINGLE, steps_per_epoch=len(batches))
     net = torch.compile(trainer.model) if compile_ else trainer.model
     data = Batches(images, labels, device, resident_choice("auto", images.nbytes, device))
-    order = torch.randperm(len(images), generator=trainer.generator)
-    batches = epoch_batches(order, batch_size, SINGLE)
-    # Warm-up: cudnn autotuning, compilation, allocator; then one timed pass per way.
-    timed(trainer, net, data.iterate(batches[:warmup]), True, warmup * batch_size)
+    plan = draw(params.augment, len(images), trainer.generator)  # the defaults: every kind of augmentation
+
+    def real(augmented: bool):
+        reads = data.iterate(batches, jpeg_quality=plan["jpeg"] if augmented else None)
+        return ((x, y, idx) for idx, (x, y) in zip(batches, reads))
+
+    # Warm-up: cudnn autotuning, compilation, allocator; then the timed passes.
+    timed(trainer, net, ((x, y, i) for i, (x, y) in zip(batches[:warmup], data.iterate(batches[:warmup]))),
+          plan, warmup * batch_size)
     n = len(batches) * batch_size
     x, y = next(iter(data.iterate(batches[:1])))
-    fixed = prepare_batch(trainer, x, False), y
-    ways = {"real": lambda: timed(trainer, net, data.iterate(batches), False, n),
-            "real+aug": lambda: timed(trainer, net, data.iterate(batches), True, n),
-            "synthetic": lambda: timed(trainer, net, [fixed] * len(batches), False, n)}
+    fixed = prepare_batch(trainer, x, None), y, None
+    ways = {"real": lambda: timed(trainer, net, real(False), None, n),
+            "real+aug": lambda: timed(trainer, net, real(True), plan, n),
+            "synthetic": lambda: timed(trainer, net, [fixed] * len(batches), None, n)}
     # The ways take turns, `repeats` rounds, and each reports its median: a slow moment of a noisy
     # machine then hits all of them alike instead of one.
     rates: dict[str, list[float]] = {way: [] for way in ways}

@@ -1,7 +1,8 @@
 """The pipeline's components, built for a given project image.
 
-Each function body is what runs in the container: it rebuilds the full :class:`Params` from the
-flat ``params`` dict (every key of params.yaml, dotted), calls the matching
+Each function body is what runs in the container: it rebuilds :class:`Params` from the flat
+``params`` dict, which holds exactly its stage's keys (dotted, as ``deepfake_detector.contract``
+lists them; the others keep their defaults, unread), calls the matching
 ``deepfake_detector.stages`` function on the KFP artifact paths (train runs ``deepfake train``
 under torchrun instead, one process per GPU) and records what it produced as artifact metadata.
 KFP ships the body as source, so imports live inside it (and annotations must stay real types:
@@ -17,9 +18,9 @@ from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Outpu
 def download(params: dict, raw: Output[Dataset]) -> str:
     """Fetch ``data.source`` (Kaggle, URL, path, or ``dvc:REPO@REV``); returns the data version."""
     from deepfake_detector import stages
-    from deepfake_detector.params import from_flat
+    from deepfake_detector.contract import from_stage_params
 
-    info = stages.download(from_flat(params), raw.path)
+    info = stages.download(from_stage_params("download", params), raw.path)
     raw.metadata.update({"source": info["source"], "files": info["files"], **info.get("dvc", {})})
     return (info.get("dvc") or {}).get("md5") or info["source"]
 
@@ -27,9 +28,9 @@ def download(params: dict, raw: Output[Dataset]) -> str:
 def preprocess(params: dict, raw: Input[Dataset], processed: Output[Dataset]) -> None:
     """Validate, resize and degrade the raw images into memory-mappable arrays."""
     from deepfake_detector import stages
-    from deepfake_detector.params import from_flat
+    from deepfake_detector.contract import from_stage_params
 
-    meta = stages.preprocess(from_flat(params), raw.path, processed.path)
+    meta = stages.preprocess(from_stage_params("preprocess", params), raw.path, processed.path)
     processed.metadata.update({split: s["images"] for split, s in meta["splits"].items()})
     processed.metadata["quarantined"] = meta["quarantined"]
 
@@ -49,13 +50,14 @@ def train(params: dict, processed: Input[Dataset], nproc_per_node: int, checkpoi
 
     import yaml
 
+    from deepfake_detector.contract import from_stage_params
     from deepfake_detector.distributed import torchrun_command
-    from deepfake_detector.params import from_flat, to_dict
+    from deepfake_detector.params import to_dict
 
     with tempfile.TemporaryDirectory() as tmp:
-        # `deepfake train` reads a params file; this one holds exactly the run's flat params.
+        # `deepfake train` reads a params file: the run's train params, the rest (unread) defaults.
         params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump(to_dict(from_flat(params))))
+        params_file.write_text(yaml.safe_dump(to_dict(from_stage_params("train", params))))
         command = torchrun_command(nproc_per_node, [
             "train", "--params", str(params_file), "--data", processed.path, "--out", model.path,
             "--checkpoint-dir", checkpoint_dir or str(Path(tmp) / "checkpoints")])
@@ -83,10 +85,12 @@ def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metri
     from pathlib import Path
 
     from deepfake_detector import stages
-    from deepfake_detector.params import flatten, from_flat
+    from deepfake_detector.contract import from_stage_params
+    from deepfake_detector.params import flatten
 
     with tempfile.TemporaryDirectory() as out:
-        result = stages.evaluate(from_flat(params), processed.path, model.path, Path(out), register=False)
+        result = stages.evaluate(from_stage_params("evaluate", params), processed.path, model.path, Path(out),
+                                 register=False)
         roc = json.loads((Path(out) / "plots" / "roc.json").read_text())["roc"]
     for key, value in flatten(result).items():
         metrics.log_metric(key, value)
@@ -101,9 +105,9 @@ def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metri
 def register(params: dict, model: Input[Model], metrics: Input[Metrics]) -> str:
     """Register the model in MLflow and point the alias at it; returns the version."""
     from deepfake_detector import stages
-    from deepfake_detector.params import from_flat
+    from deepfake_detector.contract import from_stage_params
 
-    return stages.register_model(from_flat(params), model.path, metrics.metadata) or ""
+    return stages.register_model(from_stage_params("register", params), model.path, metrics.metadata) or ""
 
 
 def build(image: str) -> SimpleNamespace:

@@ -1,26 +1,42 @@
-"""``deepfake pipeline compile`` and ``deepfake pipeline submit``."""
+"""``deepfake-pipeline``: compile the Kubeflow pipeline, or submit a compiled one to a KFP endpoint.
+
+A console script of its own, next to the core's ``deepfake``, so that the core never imports kfp
+(the kubeflow extra). ``--params`` and ``-S`` work as they do for ``deepfake``.
+"""
+
+from __future__ import annotations
 
 import argparse
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
+from deepfake_detector.cli import common_options, run
+from deepfake_detector.contract import param_name
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, flatten, with_overrides
-from pipeline.pipeline import ClusterOptions, compile_pipeline, param_name
+
+# pipeline.pipeline (kfp) is imported inside the functions, so that main can say what is missing.
+PROG = "deepfake-pipeline"
 
 
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    """``compile`` and ``submit`` under ``parser``; ``common`` brings --params and -S."""
-    sub = parser.add_subparsers(dest="pipeline_command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """``compile`` and ``submit``; raises ModuleNotFoundError without kfp (the kubeflow extra)."""
+    from pipeline.pipeline import ClusterOptions
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    common = common_options()
+    sub = parser.add_subparsers(dest="command", required=True)
     compile_ = sub.add_parser("compile", parents=[common],
                               help="write the KFP pipeline spec (defaults from params.yaml and -S)")
     compile_.add_argument("--out", type=Path, default=Path("pipeline.yaml"))
     for f in fields(ClusterOptions):
         compile_.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
                               help=f"default: {f.default if f.default != '' else 'none'}")
-    compile_.set_defaults(pipeline_func=cmd_compile)
+    compile_.set_defaults(func=cmd_compile)
 
     submit = sub.add_parser("submit", parents=[common],
                             help="submit a compiled pipeline to a Kubeflow Pipelines endpoint")
@@ -33,34 +49,40 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     submit.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
     submit.add_argument("--token", default=None, help="bearer token (default: the kfp client's own lookup)")
     submit.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the host to answer")
-    submit.set_defaults(pipeline_func=cmd_submit)
+    submit.set_defaults(func=cmd_submit)
+    return parser
 
 
 def cmd_compile(params: Params, args: argparse.Namespace) -> None:
+    from pipeline.pipeline import ClusterOptions, compile_pipeline
+
     options = ClusterOptions(**{f.name: getattr(args, f.name) for f in fields(ClusterOptions)})
     compile_pipeline(params, args.out, options)
     print(f"wrote {args.out} (image {options.image})")
 
 
-def run_arguments(params: Params, run_params: list[str]) -> dict[str, str]:
-    """``-p`` values keyed by pipeline parameter name, each checked against the params' keys and types."""
+def run_arguments(params: Params, run_params: list[str]) -> dict[str, Any]:
+    """``-p`` values keyed by pipeline parameter name, checked against the params' keys and types and
+    typed as the pipeline declares its parameters (KFP's API wants 3, not "3", for an integer)."""
     known = {param_name(k): k for k in flatten(params)}
-    arguments = {}
+    keys, overrides = [], []
     for item in run_params:
         key, sep, value = item.partition("=")
-        name = param_name(key)
-        if not sep or name not in known:
+        if not sep or param_name(key) not in known:
             raise UserError(f"-p {item!r}: not KEY=VALUE with a key of params.yaml")
-        with_overrides(params, [f"{known[name]}={value}"])  # type-check it now, not on the cluster
-        arguments[name] = value
-    return arguments
+        keys.append(known[param_name(key)])
+        overrides.append(f"{keys[-1]}={value}")
+    checked = flatten(with_overrides(params, overrides))  # type-checked now, not on the cluster
+    # Lists are comma-separated text, as make_pipeline declares them.
+    return {param_name(k): ",".join(map(str, checked[k])) if isinstance(checked[k], list) else checked[k]
+            for k in keys}
 
 
 def cmd_submit(params: Params, args: argparse.Namespace) -> None:
     import kfp
 
     if not args.package.exists():
-        raise UserError(f"{args.package} not found: run `deepfake pipeline compile` first")
+        raise UserError(f"{args.package} not found: run `{PROG} compile` first")
     arguments = run_arguments(params, args.run_params)
     _check_reachable(args.host, args.timeout)
     try:
@@ -87,3 +109,18 @@ def _check_reachable(host: str, timeout: float) -> None:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"cannot reach KFP at {host}: {reason}. Check --host (e.g. after "
                         "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`, use http://localhost:8080)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("kfp"):  # kfp missing is a setup step; anything else a bug
+            raise
+        print(f"{PROG}: error: needs the kubeflow extra ({exc}): pip install -e '.[kubeflow]'", file=sys.stderr)
+        return 2
+    return run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

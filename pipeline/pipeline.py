@@ -2,7 +2,8 @@
 
 Its parameters are the keys of ``params.yaml`` with dots as underscores (``train.epochs`` ->
 ``train_epochs``), defaults read from the file at compile time, so the KFP UI shows and edits the
-same knobs as ``dvc exp run -S``.
+same knobs as ``dvc exp run -S``. Each step gets only its stage's params
+(:mod:`deepfake_detector.contract`), so its cache key moves only with them.
 """
 
 import inspect
@@ -12,6 +13,8 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 
 from components.stages import build
+from deepfake_detector.contract import STAGES, param_name, stage_params
+from deepfake_detector.data import pinned
 from deepfake_detector.params import Params, flatten
 
 # Keys of the MLflow secret: the URI is required, the rest optional (not every server wants them).
@@ -39,10 +42,6 @@ class ClusterOptions:
     checkpoint_pvc: str = ""  # existing PersistentVolumeClaim for resumable checkpoints; "" for none
 
 
-def param_name(key: str) -> str:
-    return key.replace(".", "_")
-
-
 def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
     """The pipeline function, with one parameter per params key defaulting to ``defaults``."""
     flat = flatten(defaults)
@@ -53,11 +52,15 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
 
     def deepfake_detector_pipeline(*args):
         # KFP passes the inputs positionally, in signature order (the order of `flat`).
-        params = dict(zip(flat, args))
-        download = ops.download(params=params).set_display_name("download")
+        channels = dict(zip(flat, args))
+        # Each step reads only its stage's keys: an evaluate param change leaves train's inputs, and
+        # so its cache key, as they were.
+        params = {stage: {key: channels[key] for key in stage_params(defaults, stage)} for stage in STAGES}
+        download = ops.download(params=params["download"]).set_display_name("download")
         download.set_retry(num_retries=options.download_retries, backoff_duration="30s", backoff_factor=2)
-        preprocess = ops.preprocess(params=params, raw=download.outputs["raw"]).set_display_name("preprocess")
-        train = ops.train(params=params, processed=preprocess.outputs["processed"],
+        preprocess = ops.preprocess(params=params["preprocess"],
+                                    raw=download.outputs["raw"]).set_display_name("preprocess")
+        train = ops.train(params=params["train"], processed=preprocess.outputs["processed"],
                           nproc_per_node=max(options.accelerator_limit, 1),
                           checkpoint_dir=CHECKPOINT_DIR if options.checkpoint_pvc else "").set_display_name("train")
         train.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
@@ -69,12 +72,16 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
         # NCCL passes tensors between the pod's processes through /dev/shm; a container's default
         # 64 MB is too small for that.
         kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-        evaluate = ops.evaluate(params=params, processed=preprocess.outputs["processed"],
+        evaluate = ops.evaluate(params=params["evaluate"], processed=preprocess.outputs["processed"],
                                 model=train.outputs["model"]).set_display_name("evaluate")
-        with dsl.If(evaluate.outputs["Output"] >= params["mlflow.register_min_auc"], name="auc-gate"):
-            register = ops.register(params=params, model=train.outputs["model"],
+        with dsl.If(evaluate.outputs["Output"] >= channels["mlflow.register_min_auc"], name="auc-gate"):
+            register = ops.register(params=params["register"], model=train.outputs["model"],
                                     metrics=evaluate.outputs["metrics"]).set_display_name("register")
-        for task in (download, preprocess, train, evaluate, register):
+        # data.source is a run parameter, but caching is set at compile time: download is cached
+        # only when the compiled default is pinned (its bytes fixed by its name); a Kaggle dataset
+        # or a folder read again may have changed. A run given another source keeps this choice.
+        download.set_caching_options(pinned(defaults.data.source, defaults.data.sha256))
+        for task in (preprocess, train, evaluate, register):
             task.set_caching_options(True)
         for task in (train, evaluate, register):
             kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in SECRET_REQUIRED})

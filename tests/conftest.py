@@ -20,6 +20,18 @@ FACES_MINI = ROOT.parent / "shared" / "data" / "faces-mini"
 SPLITS = ("train", "valid", "test")
 
 
+def _flips_only():
+    from deepfake_detector.params import AugmentParams, BlurParams, JpegParams, NoiseParams
+
+    return AugmentParams(hflip=0.5, crop_scale=(1.0, 1.0), blur=BlurParams(prob=0.0), noise=NoiseParams(prob=0.0),
+                         jpeg=JpegParams(prob=0.0))
+
+
+# The synthetic fakes' tell is a one-pixel checkerboard, which blur, noise, JPEG and resized crops
+# erase: tests that need a model that learns it train with flips alone.
+FLIPS_ONLY = _flips_only()
+
+
 def synthetic_face(label: int, index: int, size: int = 48) -> Image.Image:
     """A stand-in image: smooth gradients for real (0), the same plus a fine checkerboard for fake (1).
 
@@ -76,7 +88,7 @@ def synthetic_model(tmp_path_factory, synthetic_processed) -> Path:
 
     out = tmp_path_factory.mktemp("synthetic-model")
     fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
-        TrainParams(epochs=8, batch_size=16, lr=3e-3), torch.device("cpu"), seed=0, progress=False)
+        TrainParams(epochs=8, batch_size=16, lr=3e-3, augment=FLIPS_ONLY), torch.device("cpu"), seed=0, progress=False)
     return out
 
 

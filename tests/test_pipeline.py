@@ -3,6 +3,7 @@ incremental reruns, experiments, and push/pull to a remote from another clone.""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -11,14 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from conftest import FACES_MINI, ROOT
-from deepfake_detector.model import load_checkpoint
+from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.params import MlflowParams
-from deepfake_detector.predict import predict_files
-from deepfake_detector.tracking import load_model
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")]
@@ -133,19 +131,60 @@ def test_run_is_logged_and_registered_as_challenger(repo):
     assert version.tags["test_roc_auc"] == f"{m['test_roc_auc']:.4f}"
 
 
-def test_registered_model_loads_and_predicts_like_the_checkpoint(repo):
-    model = load_model("models:/deepfake-detector@challenger",
-                       MlflowParams(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
-    checkpoint, _ = load_checkpoint(repo / "models" / "model.pt")
+def test_registered_model_loads_and_predicts_like_the_checkpoint(repo, monkeypatch):
+    # Loading a registered model downloads files and runs no logged code: nothing may need unpickling.
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    monkeypatch.chdir(repo)  # the sqlite store's relative artifact paths
+    registered = Detector.load("models:/deepfake-detector@challenger",
+                               MlflowParams(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
+    local = Detector.load(str(repo / "models"))  # the pipeline workspace: eval/detector.json beside models/
     files = sorted((FACES_MINI / "real-vs-fake" / "test" / "fake").glob("*.jpg"))[:4]
     files += sorted((FACES_MINI / "real-vs-fake" / "test" / "real").glob("*.jpg"))[:4]
-    from_registry, errors, _ = predict_files(model, files, image_size=32)
-    from_checkpoint, _, _ = predict_files(checkpoint, files, image_size=32)
+    from_registry, errors, _ = registered.score_files(files)
+    from_checkpoint, _, _ = local.score_files(files)
     assert not errors and from_registry.shape == (8,)
     np.testing.assert_allclose(from_registry, from_checkpoint, rtol=1e-5, atol=1e-6)
     assert np.all((from_registry >= 0) & (from_registry <= 1))
-    # The logged input example is what training fed the model: a float NCHW batch in [0, 1].
-    assert isinstance(model, torch.nn.Module)
+    # Same decision settings, so the same labels: the threshold chosen on valid, not 0.5.
+    assert registered.decision == local.decision == Decision.read(repo / "eval" / "detector.json")
+    assert registered.decision.rule == "max_accuracy" and "version" in registered.source
+    assert [registered.label(p) for p in from_registry] == [local.label(p) for p in from_checkpoint]
+
+
+def test_predict_cli_and_app_label_like_the_registered_model(repo, env, monkeypatch):
+    """The same faces through `deepfake predict --model models`, `--model models:/...@challenger` and
+    the app: the same P(fake) and labels, with no pickle allowed anywhere."""
+    faces = repo.parent / "faces"
+    faces.mkdir()
+    for path in sorted((FACES_MINI / "real-vs-fake" / "test" / "fake").glob("*.jpg"))[:3]:
+        shutil.copy(path, faces / path.name)
+    safe = {**env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    tables = {}
+    for name, model in (("local", "models"), ("registry", "models:/deepfake-detector@challenger")):
+        sh(["deepfake", "predict", str(faces), "--model", model, "--out", f"{name}.csv"], repo, safe)
+        with (repo / f"{name}.csv").open() as f:
+            tables[name] = {Path(r["path"]).name: (float(r["p_fake"]), r["label"]) for r in csv.DictReader(f)}
+        (repo / f"{name}.csv").unlink()
+    assert tables["local"].keys() == tables["registry"].keys() and len(tables["local"]) == 3
+    for face, (p_fake, label) in tables["local"].items():
+        assert tables["registry"][face][1] == label and tables["registry"][face][0] == pytest.approx(p_fake, abs=1e-6)
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    monkeypatch.setenv("DEEPFAKE_MODEL_URI", "models:/deepfake-detector@challenger")
+    monkeypatch.setenv("DEEPFAKE_SAMPLES", str(repo / "no-samples"))
+    monkeypatch.chdir(repo)
+    app = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=120)
+    app.run()
+    face = sorted(faces.iterdir())[0]
+    app.file_uploader[0].upload(face.name, face.read_bytes(), "image/jpeg").run()
+    assert not app.exception, app.exception
+    verdict = next(m.value for m in app.markdown if "P(fake)" in m.value)
+    p_fake, label = tables["registry"][face.name]
+    assert verdict.startswith(f"**{label.upper()}**: P(fake) {p_fake:.3f}")
+    assert any("version" in c.value for c in app.caption)
 
 
 def test_second_repro_does_nothing(repo, env):
@@ -183,6 +222,9 @@ def test_exp_run_and_show_list_the_runs(repo, env):
 
 
 def test_push_and_pull_restore_data_and_model_in_another_clone(repo, env):
+    # `dvc exp run` (above) leaves its results in the workspace: back to the committed ones first.
+    sh(["git", "checkout", "--", "."], repo, env)
+    sh(["dvc", "checkout"], repo, env)
     sh(["dvc", "push"], repo, env)
     clone = repo.parent / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)

@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,10 @@ import pytest
 from PIL import Image
 
 from conftest import FACES_MINI, ROOT, free_port, synthetic_face, wait_http
-from deepfake_detector.model import load_checkpoint
+from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.params import MlflowParams
-from deepfake_detector.predict import grad_cam, largest_face, prepare, predict_files
+from deepfake_detector.predict import largest_face, prepare
+from deepfake_detector.tracking import SERVING_REQUIREMENTS
 
 needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 
@@ -62,12 +65,45 @@ def test_small_face_in_a_big_photo_is_cropped_but_a_tight_crop_is_not():
 
 
 def test_grad_cam_is_a_normalised_map_over_the_image(model_dir):
-    model, _ = load_checkpoint(model_dir / "model.pt")
+    detector = Detector.from_checkpoint(model_dir)
     array = np.asarray(synthetic_face(1, 1, 32))
-    heat = grad_cam(model, array)
+    heat = detector.explain(array)
     assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() <= 1
     assert heat.max() > heat.min()  # a map, not a constant
-    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # hooks removed
+    model = detector.model
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # no hooks, ever
+    assert all(p.grad is None for p in model.parameters())  # and no gradients left on the shared model
+
+
+def test_grad_cam_from_concurrent_threads_matches_each_alone(model_dir):
+    detector = Detector.from_checkpoint(model_dir)
+    arrays = [np.asarray(synthetic_face(i % 2, 300 + i, 32)) for i in range(4)]
+    alone = [detector.explain(a) for a in arrays]
+    start = threading.Barrier(len(arrays))
+
+    def explain_many(i: int) -> list[np.ndarray]:
+        start.wait()
+        return [detector.explain(arrays[i]) for _ in range(20)]
+
+    with ThreadPoolExecutor(len(arrays)) as pool:
+        together = list(pool.map(explain_many, range(len(arrays))))
+    for i, maps in enumerate(together):
+        for heat in maps:
+            np.testing.assert_allclose(heat, alone[i], atol=1e-6)
+    assert not all(np.allclose(alone[0], a) for a in alone[1:])  # different images, different maps
+
+
+def test_decision_travels_with_a_local_model(tmp_path, model_dir, capsys):
+    import shutil
+
+    shutil.copy(model_dir / "model.pt", tmp_path / "model.pt")
+    default = Detector.from_checkpoint(tmp_path)
+    assert default.threshold == 0.5 and "no detector.json" in capsys.readouterr().out
+    Decision(threshold=0.8, rule="max_accuracy", crop_faces=False, min_source_size=24).write(tmp_path / "detector.json")
+    detector = Detector.from_checkpoint(tmp_path)
+    assert detector.threshold == 0.8 and detector.label(0.79) == "real" and detector.label(0.8) == "fake"
+    with pytest.raises(ValueError, match="too small: 16x16 < 24"):  # preprocess would have quarantined it
+        detector.prepare(png_bytes(synthetic_face(0, 0, 16)))
 
 
 def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
@@ -93,6 +129,8 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
 
 @needs_faces
 def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir, monkeypatch):
+    import mlflow
+
     from deepfake_detector.tracking import Tracker, move_alias
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -100,14 +138,21 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts (./mlruns) land here
     params = MlflowParams(tracking_uri=uri)
     tracker = Tracker.start(params, "serve-test", {}, {})
+    Decision(threshold=0.3, rule="fixed").write(tmp_path / "detector.json")
     with tracker.running():
-        model_uri = tracker.log_model(model_dir / "model.pt", png_bytes(synthetic_face(0, 0, 32)))
-    version = tracker.register(model_uri, {"threshold": "0.5"})
+        model_uri = tracker.log_model(model_dir / "model.pt", tmp_path / "detector.json",
+                                      png_bytes(synthetic_face(0, 0, 32)))
+    version = tracker.register(model_uri, {"threshold": "0.3"})
     move_alias(params, "champion", version, {})
+    logged = Path(mlflow.artifacts.download_artifacts(model_uri))
+    assert not list(logged.rglob("*.pkl"))  # logged from code: nothing pickled
+    requirements = (logged / "requirements.txt").read_text()
+    assert all(name in requirements for name in SERVING_REQUIREMENTS)
 
     face = sorted((FACES_MINI / "real-vs-fake" / "test" / "fake").glob("*.jpg"))[0]
-    model, _ = load_checkpoint(model_dir / "model.pt")
-    expected, _, _ = predict_files(model, [face], model.image_size, crop_faces=True)
+    detector = Detector.load("models:/deepfake-detector@champion", params)
+    expected, _, _ = detector.score_files([face])
+    assert detector.threshold == 0.3
 
     port = free_port()
     # mlflow serves through `uvicorn`, looked up on PATH: this venv's.
@@ -118,13 +163,58 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
                               stderr=(tmp_path / "serve.log").open("w"))
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
-        body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                               "data": [[base64.b64encode(face.read_bytes()).decode()]]}})
+        rows = [[base64.b64encode(face.read_bytes()).decode()], ["not base64!"],
+                [base64.b64encode(b"just some text").decode()]]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
         server.terminate()
         server.wait(timeout=30)
-    served = answer["predictions"][0]["p_fake"]
-    assert served == pytest.approx(float(expected[0]), abs=1e-6)
+    served, no_base64, text = answer["predictions"]
+    assert served["p_fake"] == pytest.approx(float(expected[0]), abs=1e-6)
+    assert served["label"] == detector.label(float(expected[0])) and served["error"] == ""
+    # A bad row gets its reason, not a stack trace, and does not cost the good row its score.
+    assert no_base64["label"] == "" and no_base64["error"] and "Traceback" not in no_base64["error"]
+    assert text["error"] == "not an image"
+
+
+SERVE_PATH = """
+import base64, json, sys, types
+import pandas
+from deepfake_detector.serving import ImageModel
+model = ImageModel()
+model.load_context(types.SimpleNamespace(artifacts={"checkpoint": sys.argv[1], "decision": sys.argv[2]}))
+out = model.predict(None, pandas.DataFrame({"image": [base64.b64encode(open(sys.argv[3], "rb").read()).decode()]}))
+assert out["error"][0] == "", out
+print(json.dumps({name: getattr(module, "__file__", None) for name, module in sys.modules.items()}))
+"""
+
+
+def test_serving_requirements_are_what_serving_imports(tmp_path, model_dir):
+    """The packages our modules on the serving path import (and that serving really loads) are exactly
+    the logged requirements: none missing, none extra."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    Decision().write(tmp_path / "detector.json")  # face crop on: the OpenCV path runs too
+    synthetic_face(1, 0, 96).save(tmp_path / "face.png")
+    result = subprocess.run([sys.executable, "-c", SERVE_PATH, str(model_dir / "model.pt"),
+                             str(tmp_path / "detector.json"), str(tmp_path / "face.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    ours = [Path(f) for name, f in loaded.items() if name.startswith("deepfake_detector.") and f]
+    imported = set()
+    for path in ours:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported & set(loaded) if m not in sys.stdlib_module_names}
+    third_party -= {"deepfake_detector", "mlflow"}  # MLflow puts itself in the environment
+    distributions = packages_distributions()
+    needed = {dist.lower() for module in third_party for dist in distributions[module]}
+    assert needed == set(SERVING_REQUIREMENTS)

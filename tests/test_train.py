@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from deepfake_detector import train
+from conftest import FLIPS_ONLY
+from deepfake_detector import augment, train
 from deepfake_detector.errors import UserError
 from deepfake_detector.model import load_checkpoint
 from deepfake_detector.params import ModelParams, TrainParams
@@ -18,7 +19,7 @@ MODEL = ModelParams(channels=(8, 16), convs_per_block=1, hidden=16, dropout=0.1)
 
 def test_fit_learns_and_reports_each_epoch(tmp_path, synthetic_processed):
     seen = []
-    params = TrainParams(epochs=8, batch_size=16, lr=3e-3)
+    params = TrainParams(epochs=8, batch_size=16, lr=3e-3, augment=FLIPS_ONLY)
     summary = train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cpu"), seed=0,
                         on_epoch=lambda e, m: seen.append((e, m)), progress=False)
     assert [e for e, _ in seen] == list(range(1, 9))
@@ -119,3 +120,51 @@ def test_data_on_device_reads_yaml_booleans():
     assert with_overrides(Params(), ["train.data_on_device=true"]).train.data_on_device == "true"
     with pytest.raises(ParamsError, match="data_on_device"):
         with_overrides(Params(), ["train.data_on_device=sometimes"])
+
+
+def test_warm_up_then_cosine():
+    params = TrainParams(epochs=10, warmup_epochs=2)
+    factors = [train.lr_factor(params, 100, step) for step in range(100)]
+    assert factors[0] == pytest.approx(1 / 21) and factors[19] == pytest.approx(20 / 21)  # 20 warm-up steps
+    assert factors[20] == 1.0 and all(a > b for a, b in zip(factors[20:], factors[21:]))  # then cosine to ~0
+    assert factors[-1] < 0.01
+
+
+def test_augmentation_is_seeded_per_sample_and_does_what_it_says():
+    from deepfake_detector.params import AugmentParams, BlurParams, JpegParams, NoiseParams
+
+    every = AugmentParams(hflip=0.5, crop_scale=(0.5, 1.0), blur=BlurParams(prob=0.5), noise=NoiseParams(prob=0.5),
+                          jpeg=JpegParams(prob=0.5))
+    plans = [augment.draw(every, 64, torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert all(torch.equal(plans[0][k], plans[1][k]) for k in plans[0])  # same seed, same draws
+    plan = plans[0]
+    assert 10 < int(plan["flip"].sum()) < 54 and len(set(plan["blur"].tolist())) > 10  # per sample, not per batch
+    x = torch.rand(64, 3, 32, 32)
+    out = augment.apply(x, plan)
+    assert torch.equal(out, augment.apply(x, plan)) and out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    plain = {k: torch.zeros_like(v) for k, v in plan.items()} | {"crop": torch.ones(64, 4)}
+    assert torch.equal(augment.apply(x, plain), x)  # nothing drawn, nothing done
+    flipped = plain | {"flip": torch.ones(64, dtype=torch.bool)}
+    assert torch.equal(augment.apply(x, flipped), x.flip(-1))
+    blurred = augment.apply(x, plain | {"blur": torch.full((64,), 1.5)})
+    assert blurred.diff(dim=-1).abs().mean() < 0.5 * x.diff(dim=-1).abs().mean()  # high frequencies gone
+    images = (x * 255).byte().permute(0, 2, 3, 1).contiguous()
+    quality = torch.zeros(64, dtype=torch.int32)
+    quality[:3] = 30
+    recompressed = augment.jpeg(images, quality)
+    assert not torch.equal(recompressed[:3], images[:3]) and torch.equal(recompressed[3:], images[3:])
+
+
+def test_validation_never_augments(tmp_path, synthetic_processed):
+    """Valid scores of the saved best model equal a plain pass over the valid split."""
+    from deepfake_detector.batches import Batches
+    from deepfake_detector.distributed import SINGLE
+    from deepfake_detector.evaluate import compute_metrics
+    from deepfake_detector.preprocess import load_split
+
+    train.fit(synthetic_processed, tmp_path, MODEL, TrainParams(epochs=2, batch_size=16), torch.device("cpu"),
+              seed=0, progress=False)
+    model, ckpt = load_checkpoint(tmp_path / "model.pt")
+    images, labels = load_split(synthetic_processed, "valid")
+    p_fake = train.validate(model, Batches(images, labels, torch.device("cpu"), False), 32, None, SINGLE)
+    assert ckpt["valid"]["roc_auc"] == pytest.approx(compute_metrics(labels, p_fake)["roc_auc"], abs=1e-9)

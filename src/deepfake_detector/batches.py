@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from deepfake_detector import augment
+
 PREFETCH = 3  # batches read ahead: enough to hide a slow read, little memory
 DEVICE_BUDGET = 0.5  # share of the free device memory a resident split may take (auto)
 CHUNK = 2048  # images per host-to-device copy when loading a split resident
@@ -49,34 +51,41 @@ class Batches:
         if resident:
             self.on_device = torch.empty(images.shape, dtype=torch.uint8, device=device)
             for start in range(0, len(images), CHUNK):
-                chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + CHUNK]))
+                chunk = torch.from_numpy(np.array(images[start:start + CHUNK]))  # a writable copy of the map
                 self.on_device[start:start + len(chunk)].copy_(chunk)
             self.labels = self.labels.to(device)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def iterate(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) on the device for each tensor of indices, in the given order."""
+    def iterate(self, index_batches: Sequence[torch.Tensor], jpeg_quality: torch.Tensor | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) on the device for each tensor of indices, in the given order; images whose
+        ``jpeg_quality`` (per image index) is above 0 are JPEG re-compressed on the CPU first."""
         if self.resident:
             for idx in index_batches:
-                idx = idx.to(self.device, non_blocking=True)
-                yield self.on_device[idx], self.labels[idx]
+                x = self.on_device[idx.to(self.device, non_blocking=True)]
+                if jpeg_quality is not None and bool((jpeg_quality[idx] > 0).any()):
+                    x = augment.jpeg(x.cpu(), jpeg_quality[idx]).to(self.device)
+                yield x, self.labels[idx.to(self.device, non_blocking=True)]
         else:
-            yield from _prefetched(self, index_batches)
+            yield from _prefetched(self, index_batches, jpeg_quality)
 
-    def host_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def host_batch(self, idx: torch.Tensor, jpeg_quality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch read from the memory map into host memory (pinned when a GPU will take it)."""
         # Sorted indices read the memory map front to back; the order inside a batch does not matter
         # to the loss, and the resident path sorts the same way, so both give the same batches.
         x = torch.from_numpy(np.take(self.images, idx.numpy(), axis=0))
+        if jpeg_quality is not None:
+            x = augment.jpeg(x, jpeg_quality[idx])
         y = self.labels[idx]
         if self.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
 
-def _prefetched(source: Batches, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _prefetched(source: Batches, index_batches: Sequence[torch.Tensor], jpeg_quality: torch.Tensor | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Read and copy batches in a background thread, ``PREFETCH`` ahead of the consumer."""
     cuda = source.device.type == "cuda"
     stream = torch.cuda.Stream(source.device) if cuda else None
@@ -89,7 +98,7 @@ def _prefetched(source: Batches, index_batches: Sequence[torch.Tensor]) -> Itera
             for idx in index_batches:
                 if stop.is_set():
                     return
-                x, y = source.host_batch(idx)
+                x, y = source.host_batch(idx, jpeg_quality)
                 event = None
                 if cuda:
                     with torch.cuda.stream(stream):

@@ -35,6 +35,7 @@ def _replacing(path: Path, mode: str) -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private (0600); the result is an ordinary file
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

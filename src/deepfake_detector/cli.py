@@ -1,6 +1,8 @@
 """``deepfake <stage>``: the one entry point that DVC, MLproject and the Kubeflow train step call
-(the other KFP components call :mod:`deepfake_detector.stages` directly, the same functions), plus
-``deepfake pipeline``."""
+(the other KFP components call :mod:`deepfake_detector.stages` directly, the same functions).
+
+Compiling and submitting the Kubeflow pipeline is ``deepfake-pipeline`` (``pipeline/cli.py``): the
+core never imports kfp."""
 
 from __future__ import annotations
 
@@ -101,7 +103,8 @@ def cmd_promote(p: Params, args: argparse.Namespace) -> None:
 def cmd_predict(p: Params, args: argparse.Namespace) -> None:
     from deepfake_detector import stages
 
-    summary = stages.predict_paths(p, args.paths, args.model, args.out, args.threshold, not args.no_face_crop,
+    summary = stages.predict_paths(p, args.paths, args.model, args.out, args.threshold,
+                                   False if args.no_face_crop else None,
                                    show_progress())
     print(f"{summary['images']} images: {summary['fake']} fake, {summary['real']} real "
           f"(threshold {summary['threshold']:.4f}), {summary['unreadable']} unreadable -> {args.out}")
@@ -118,16 +121,18 @@ def cmd_run(p: Params, args: argparse.Namespace) -> None:
     cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation, threshold=None))
 
 
-def cmd_pipeline(p: Params, args: argparse.Namespace) -> None:
-    args.pipeline_func(p, args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepfake", description=__doc__)
+def common_options() -> argparse.ArgumentParser:
+    """``--params`` and ``-S``, the parent parser of every subcommand here and in ``deepfake-pipeline``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
     common.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -S train.epochs=3 (repeatable)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepfake", description=__doc__)
+    common = common_options()
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func, help_: str) -> argparse.ArgumentParser:
@@ -168,41 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = add("run", cmd_run, "download, preprocess, train and evaluate in one process")
     cmd.add_argument("--root", type=Path, default=Path("."), help="where data/, models/ and eval/ go")
     cmd.add_argument("--workers", type=int, default=None)
-    help_ = "compile or submit the Kubeflow pipeline (needs the kubeflow extra)"
-    cmd = sub.add_parser("pipeline", help=help_, description=help_)
-    try:
-        from pipeline.cli import add_arguments  # kfp lives only in pipeline/ and components/
-    except ImportError as exc:
-        cmd.add_argument("rest", nargs=argparse.REMAINDER)
-        cmd.set_defaults(func=_missing_kubeflow(exc), params=Path("params.yaml"), overrides=[])
-    else:
-        add_arguments(cmd, common)
-        cmd.set_defaults(func=cmd_pipeline)
     return parser
 
 
-def _missing_kubeflow(exc: ImportError):
-    def fail(p: Params, args: argparse.Namespace) -> None:
-        raise UserError(f"the Kubeflow commands need the kubeflow extra ({exc}): pip install -e '.[kubeflow]'")
-
-    return fail
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (subcommands built with :func:`common_options`), load the params and run the
+    subcommand's ``func``; returns the exit status. A :class:`UserError` is one line, status 2."""
+    args = parser.parse_args(argv)
     try:
         params = with_overrides(load_params(args.params), args.overrides)
         args.func(params, args)
     except UserError as exc:
-        print(f"deepfake {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Stopped as exc:
-        print(f"deepfake {args.command}: stopped by signal {exc.signum}; a rerun resumes from the checkpoint",
+        print(f"{parser.prog} {args.command}: stopped by signal {exc.signum}; a rerun resumes from the checkpoint",
               file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

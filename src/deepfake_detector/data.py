@@ -31,6 +31,7 @@ from deepfake_detector.errors import UserError
 SPLITS = ("train", "valid", "test")
 CLASSES = ("real", "fake")  # index = label: 0 real, 1 fake (the positive class we detect)
 INFO_FILE = "download.json"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tbz2", ".tar.bz2", ".txz", ".tar.xz")
 
 
 class DataError(UserError):
@@ -85,6 +86,20 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     return info
+
+
+def pinned(source: str, sha256: str = "") -> bool:
+    """Whether ``source`` names fixed bytes: a URL or archive checked against ``sha256``, or
+    ``dvc:REPO@REV`` (REV taken to be a tag or commit). A Kaggle dataset or a local folder can change."""
+    if source.startswith("dvc:"):
+        return bool(_dvc_spec(source.removeprefix("dvc:"))[1])
+    if source.startswith("kaggle:"):
+        return False
+    if source.startswith(("http://", "https://")):
+        return bool(sha256)
+    # A local path: only an archive is checked against sha256, and it is not on this machine to
+    # look at (a Kubeflow step reads it in its container), so go by its name.
+    return bool(sha256) and source.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def find_split_root(root: Path, max_depth: int = 4) -> Path:
@@ -241,15 +256,21 @@ def _dvc_get(spec: str, dest: Path) -> dict:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    url, _, rev = spec.rpartition("@")
-    if not url or ":" in rev:  # no @REV, or the @ belongs to the URL (git@host:org/repo)
-        url, rev = spec, ""
+    url, rev = _dvc_spec(spec)
     try:
         Repo.get(url, DVC_DATA_PATH, out=str(dest), rev=rev or None)
     except (DvcException, OSError) as exc:
         raise DataError(f"cannot get {DVC_DATA_PATH} from DVC repo {url}"
                         f"{f' at {rev}' if rev else ''}: {exc}") from None
     return {"repo": url, "rev": rev or "HEAD", "md5": _dvc_md5(url, rev or None)}
+
+
+def _dvc_spec(spec: str) -> tuple[str, str]:
+    """``REPO[@REV]`` as (repo, rev); rev is "" when none is given."""
+    url, _, rev = spec.rpartition("@")
+    if not url or ":" in rev:  # no @REV, or the @ belongs to the URL (git@host:org/repo)
+        return spec, ""
+    return url, rev
 
 
 def _dvc_md5(url: str, rev: str | None) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +17,12 @@ from sklearn import metrics as skm
 
 from deepfake_detector import plots
 from deepfake_detector.data import CLASSES
-from deepfake_detector.model import load_checkpoint, to_input
+from deepfake_detector.detector import DECISION_FILE, Decision, Detector
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.robustness import perturbations
 
 NEVER = float(np.nextafter(1.0, 2.0))  # a threshold no probability reaches: nothing is called fake
-
-
-@torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """P(fake) for each image of a uint8 (N, S, S, 3) array, in order; ``transform`` edits each batch."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = np.array(images[start:start + batch_size])  # a copy: memmaps are read-only
-        if transform is not None:
-            batch = transform(batch)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = model(to_input(torch.from_numpy(batch).to(device)))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def choose_threshold(labels: np.ndarray, p_fake: np.ndarray, rule: str, target_fpr: float = 0.05,
@@ -118,21 +101,26 @@ def full_report(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dic
 
 def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluateParams, device: torch.device,
         seed: int = 0) -> dict:
-    """Evaluate on the test split with a threshold chosen on valid; writes metrics.json and plots/.
+    """Evaluate on the test split with a threshold chosen on valid; writes metrics.json, plots/ and
+    the decision settings every scorer of this model applies, ``detector.json``.
 
     Returns the metrics, ``robustness`` (a row per perturbation) included.
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
-    model, _ = load_checkpoint(model_path, device)
+    meta = json.loads((Path(processed_dir) / "meta.json").read_text())
+    detector = Detector.from_checkpoint(model_path, Decision(), device)
+    detector.batch_size = params.batch_size
     valid_x, valid_y = load_split(processed_dir, "valid")
-    threshold = choose_threshold(valid_y, predict_proba(model, valid_x, params.batch_size, device),
-                                 params.threshold_rule, params.target_fpr, params.threshold)
+    threshold = choose_threshold(valid_y, detector.predict(valid_x), params.threshold_rule, params.target_fpr,
+                                 params.threshold)
+    Decision(threshold, params.threshold_rule, params.crop_faces,
+             meta["params"]["min_source_size"]).write(out_dir / DECISION_FILE)
     images, labels = load_split(processed_dir, "test")
-    p_fake = predict_proba(model, images, params.batch_size, device)
+    p_fake = detector.predict(images)
     result = full_report(labels, p_fake, threshold)
     result["robustness"] = {}
     for name, transform in perturbations(params.robustness, seed):
-        p = predict_proba(model, images, params.batch_size, device, transform)
+        p = detector.predict(images, transform)
         m = compute_metrics(labels, p, threshold)
         result["robustness"][name] = {"auc": m["roc_auc"], "accuracy": m["accuracy"]}
     with (Path(processed_dir) / "test" / "index.csv").open() as f:

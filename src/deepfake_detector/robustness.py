@@ -1,7 +1,7 @@
 """Perturbations for the robustness matrix: what a face goes through after it leaves the generator.
 
 Each works on a uint8 batch (N, S, S, 3) at the model's input size and returns one of the same
-shape, so it slots into :func:`evaluate.predict_proba` batch by batch.
+shape, so it slots into :meth:`Detector.predict <deepfake_detector.detector.Detector.predict>` batch by batch.
 """
 
 from __future__ import annotations

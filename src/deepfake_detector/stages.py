@@ -9,16 +9,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from deepfake_detector import data, distributed, evaluate as evaluation, preprocess as prep, train as training
 from deepfake_detector.card import model_card
 from deepfake_detector.checkpoint import CheckpointStore, data_fingerprint, run_key
+from deepfake_detector.detector import DECISION_FILE, Decision, Detector
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.tracking import RUN_FILE, Tracker, TrackingError, end_pending, run_tags
@@ -87,11 +89,7 @@ def _train(p: Params, processed: Path, out: Path, checkpoint_dir: Path, world: d
         for name in ("history.csv", "train.json"):
             tracker.log_artifacts(out / name, "train")
         tracker.log_artifacts(processed / "meta.json", "data")
-        valid_x, _ = prep.load_split(processed, "valid")
-        example = io.BytesIO()
-        Image.fromarray(np.asarray(valid_x[0])).save(example, format="PNG")
-        model_uri = tracker.log_model(out / "model.pt", example.getvalue())
-    tracker.save(out / RUN_FILE, model_uri)
+    tracker.save(out / RUN_FILE)
     store.clear()
     return {**summary, "run_id": tracker.run_id}
 
@@ -116,7 +114,7 @@ def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: b
     Returns the metrics, plus ``registered_version`` when a version was registered.
     """
     model_dir, out = Path(model_dir), Path(out)
-    train_run, _ = Tracker.resume(p.mlflow, model_dir / RUN_FILE)
+    train_run = Tracker.resume(p.mlflow, model_dir / RUN_FILE)
     eval_params = flatten({"evaluate": p.evaluate})
     logged = train_run.logged_params()
     if any(k in logged and logged[k] != str(v) for k, v in eval_params.items()):
@@ -138,24 +136,43 @@ def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: b
         (out / "model_card.md").write_text(card)
         target.log_metrics({f"test_{k}": v for k, v in flatten(metrics).items()})
         target.log_artifacts(out, "evaluation")
-    version = register_model(p, model_dir, flatten(metrics), card) if register else None
+    version = register_model(p, model_dir, flatten(metrics), card, out / DECISION_FILE) if register else None
     return {**metrics, **({"registered_version": version} if version else {})}
 
 
-def register_model(p: Params, model_dir: Path, metrics: dict, card: str | None = None) -> str | None:
-    """Register the model trained into ``model_dir`` and point ``mlflow.alias`` at it.
+def register_model(p: Params, model_dir: Path, metrics: dict, card: str | None = None,
+                   decision: Path | None = None) -> str | None:
+    """Log the model trained into ``model_dir`` with its decision settings, register it and point
+    ``mlflow.alias`` at the new version.
 
-    Nothing is registered when the test ROC AUC is below ``mlflow.register_min_auc``. The version
-    gets the model card as its description (read from the run when not given) and the decision
-    threshold as a tag, so whoever loads it applies the same threshold.
+    ``decision`` is the evaluate stage's ``detector.json``; without it (a Kubeflow register step)
+    it is rebuilt from the metrics' threshold and the params. Nothing is registered when the test
+    ROC AUC is below ``mlflow.register_min_auc``. The version gets the model card as its
+    description (read from the run when not given) and the decision settings as tags.
     """
     if not metrics["roc_auc"] >= p.mlflow.register_min_auc:  # also refuses a NaN AUC
         print(f"not registered: test ROC AUC {metrics['roc_auc']:.4f} < mlflow.register_min_auc "
               f"{p.mlflow.register_min_auc}")
         return None
-    tracker, model_uri = Tracker.resume(p.mlflow, Path(model_dir) / RUN_FILE)
+    tracker = Tracker.resume(p.mlflow, Path(model_dir) / RUN_FILE)
+    if not tracker.active:
+        return None
+    checkpoint = Path(model_dir) / "model.pt"
+    with tempfile.TemporaryDirectory() as tmp:
+        if decision is None:
+            decision = Path(tmp) / DECISION_FILE
+            Decision(metrics["threshold"], p.evaluate.threshold_rule, p.evaluate.crop_faces,
+                     p.preprocess.min_source_size).write(decision)
+        settings = Decision.read(decision)
+        # The input example shown with the model (and run through it by MLflow): a plain grey face-sized image.
+        side = max(Detector.from_checkpoint(checkpoint, settings).image_size, settings.min_source_size)
+        example = io.BytesIO()
+        Image.new("RGB", (side, side), (128, 128, 128)).save(example, format="PNG")
+        with tracker.running():
+            model_uri = tracker.log_model(checkpoint, decision, example.getvalue())
     tags = {"test_roc_auc": f"{metrics['roc_auc']:.4f}", "test_accuracy": f"{metrics['accuracy']:.4f}",
-            "threshold": f"{metrics['threshold']:.6f}", "threshold_rule": p.evaluate.threshold_rule}
+            "threshold": f"{settings.threshold:.6f}", "threshold_rule": settings.rule,
+            "crop_faces": str(settings.crop_faces).lower(), "min_source_size": str(settings.min_source_size)}
     return tracker.register(model_uri, tags, card or tracker.text_artifact("evaluation/model_card.md"))
 
 
@@ -163,17 +180,13 @@ def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold
     """Score any labelled folder (``real/`` and ``fake/``) or CSV with a stored model; no tracking.
 
     ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
-    ``threshold``, else the one registered with the model, else ``evaluate.threshold``.
+    ``threshold``, else the model's own (its ``detector.json``).
     """
-    from deepfake_detector.predict import predict_files
-
     paths, labels = data.labelled_files(Path(data_path))
-    net, registered, _ = load_scoring_model(p, model)
-    threshold = registered if threshold is None else threshold
-    device = training.resolve_device("auto")
-    p_fake, errors, kept = predict_files(net, paths, net.image_size, p.evaluate.batch_size, device)
+    detector = load_detector(p, model, threshold)
+    p_fake, errors, kept = detector.score_files(paths)
     labels = labels[kept]
-    metrics = {**evaluation.full_report(labels, p_fake, threshold), "unreadable": len(errors)}
+    metrics = {**evaluation.full_report(labels, p_fake, detector.threshold), "unreadable": len(errors)}
     evaluation.write_outputs(Path(out), metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate)
     if errors:
         with (Path(out) / "unreadable.csv").open("w") as f:
@@ -207,25 +220,18 @@ def promote(p: Params, dry_run: bool = False, force: bool = False) -> dict:
     return result
 
 
-def load_scoring_model(p: Params, model: str) -> tuple:
-    """(torch module, threshold, description) for a local model folder/file or an MLflow model URI.
-
-    The threshold is the one registered with the model version, else ``evaluate.threshold``.
-    """
-    from deepfake_detector.model import load_checkpoint
-    from deepfake_detector.tracking import load_model, registered_version
-
-    local = Path(model)
-    if local.exists():
-        net, _ = load_checkpoint(local / "model.pt" if local.is_dir() else local)
-        return net, p.evaluate.threshold, f"local {local}"
-    version, threshold = registered_version(model, p.mlflow)
-    described = f"{model} (version {version})" if version else model
-    return load_model(model, p.mlflow), p.evaluate.threshold if threshold is None else threshold, described
+def load_detector(p: Params, model: str, threshold: float | None = None) -> Detector:
+    """The :class:`Detector` of a local model folder/file or an MLflow model URI, on the best device;
+    ``threshold`` overrides its own."""
+    detector = Detector.load(model, p.mlflow, training.resolve_device("auto"))
+    detector.batch_size = p.evaluate.batch_size
+    if threshold is not None:
+        detector.decision = replace(detector.decision, threshold=threshold)
+    return detector
 
 
 def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold: float | None = None,
-                  crop_faces: bool = True, progress: bool = False) -> dict:
+                  crop_faces: bool | None = None, progress: bool = False) -> dict:
     """Score files and folders into a CSV (path, p_fake, label, error), streaming in batches.
 
     Unreadable files get their reason in ``error`` and are counted; they do not stop the run.
@@ -234,11 +240,9 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
 
     from tqdm import tqdm
 
-    from deepfake_detector.predict import iter_images, predict_files
+    from deepfake_detector.predict import iter_images
 
-    net, registered, _ = load_scoring_model(p, model)
-    threshold = registered if threshold is None else threshold
-    device = training.resolve_device("auto")
+    detector = load_detector(p, model, threshold)
     files = list(iter_images(paths))
     counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -247,15 +251,15 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
         writer.writerow(["path", "p_fake", "label", "error"])
         for start in range(0, len(files), p.evaluate.batch_size):
             chunk = files[start:start + p.evaluate.batch_size]
-            p_fake, errors, kept = predict_files(net, chunk, net.image_size, p.evaluate.batch_size, device, crop_faces)
+            p_fake, errors, kept = detector.score_files(chunk, crop_faces)
             scores = dict(zip(kept, p_fake))
             for i, path in enumerate(chunk):
                 if i in scores:
-                    label = "fake" if scores[i] >= threshold else "real"
+                    label = detector.label(scores[i])
                     counts[label] += 1
                     writer.writerow([path, f"{scores[i]:.6f}", label, ""])
                 else:
                     counts["unreadable"] += 1
                     writer.writerow([path, "", "", errors[path]])
             bar.update(len(chunk))
-    return {**counts, "threshold": threshold}
+    return {**counts, "threshold": detector.threshold}

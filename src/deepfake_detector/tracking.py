@@ -37,6 +37,9 @@ from deepfake_detector.params import MlflowParams
 
 RUN_FILE = "run.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# What the serving path (serving.py and the modules it imports) needs, as pip names; a test
+# checks it against what importing serving.py actually loads.
+SERVING_REQUIREMENTS = ("torch", "numpy", "pillow", "pandas", "opencv-python-headless", "pyyaml", "tqdm")
 
 
 class TrackingError(UserError):
@@ -78,24 +81,26 @@ class Tracker:
                     for key, value in tags.items():
                         client.set_tag(tracker.run_id, key, value)
                 if tracker.run_id is None:
-                    experiment = mlflow.set_experiment(params.experiment)
-                    tracker.run_id = client.create_run(experiment.experiment_id, run_name=run_name,
-                                                       tags=tags).info.run_id
+                    # Not mlflow.set_experiment: it also exports MLFLOW_EXPERIMENT_ID to this process's
+                    # environment, which every later subprocess (`mlflow run`, say) would inherit.
+                    experiment = client.get_experiment_by_name(params.experiment)
+                    experiment_id = (experiment.experiment_id if experiment
+                                     else client.create_experiment(params.experiment))
+                    tracker.run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
                 tracker.log_params(log_params)
         return tracker
 
     @classmethod
-    def resume(cls, params: MlflowParams, run_file: Path) -> tuple[Tracker, str | None]:
-        """Reopen the run recorded by the train stage in ``run_file``; also returns its model URI."""
+    def resume(cls, params: MlflowParams, run_file: Path) -> Tracker:
+        """Reopen the run recorded by the train stage in ``run_file``."""
         run_file = Path(run_file)
         info = json.loads(run_file.read_text()) if run_file.exists() else {}
-        return cls(params, info.get("run_id")), info.get("model_uri")
+        return cls(params, info.get("run_id"))
 
-    def save(self, run_file: Path, model_uri: str | None) -> None:
-        """Record the run and its logged model for the evaluate stage."""
+    def save(self, run_file: Path) -> None:
+        """Record the run for the evaluate stage."""
         uri = tracking_uri(self.params) if self.params.enabled else None
-        info = {"run_id": self.run_id, "model_uri": model_uri, "tracking_uri": uri}
-        Path(run_file).write_text(json.dumps(info, indent=2) + "\n")
+        Path(run_file).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}, indent=2) + "\n")
 
     @classmethod
     def reopen(cls, params: MlflowParams, run_id: str) -> Tracker:
@@ -157,28 +162,26 @@ class Tracker:
                 else:
                     MlflowClient().log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, checkpoint: Path, example_image: bytes) -> str | None:
-        """Log the model as a pyfunc that takes images; call inside :meth:`running`.
+    def log_model(self, checkpoint: Path, decision: Path, example_image: bytes) -> str | None:
+        """Log the model as a pyfunc from code (``serving.py``): base64 image files in; ``p_fake``,
+        ``label`` and ``error`` out; call inside :meth:`running`.
 
-        Input: a column ``image`` of base64-encoded image files (JPEG, PNG, WebP); output:
-        ``p_fake``. The wrapper owns the preprocessing (decode, RGB, face crop when the photo is not
-        a tight crop, resize), so `mlflow models serve` answers images directly; the checkpoint is
-        an artifact (weights only, no pickled code) and this package rides along as ``code_paths``.
-        :func:`load_model` unwraps the torch module for in-process use (Grad-CAM needs its layers).
+        The checkpoint (weights only) and the decision settings are artifacts beside the code, and
+        this package rides along as ``code_paths``: nothing is pickled. The serving environment
+        lists what the serving path imports (:data:`SERVING_REQUIREMENTS`), pinned to this one.
         """
         if not self.active:
             return None
-        import PIL
-        import torch
+        from importlib.metadata import version
 
         example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
-        signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5]}))
+        signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5], "label": ["real"], "error": [""]}))
         with _errors("log the model"):
             return mlflow.pyfunc.log_model(
-                name="model", python_model=ImageModel(), artifacts={"checkpoint": str(checkpoint)},
+                name="model", python_model=str(PACKAGE_DIR / "serving.py"),
+                artifacts={"checkpoint": str(checkpoint), "decision": str(decision)},
                 code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                                  f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", "opencv-python-headless"],
+                pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS],
             ).model_uri
 
     def logged_params(self) -> dict[str, str]:
@@ -324,10 +327,10 @@ def move_alias(params: MlflowParams, alias: str, version: str, tags: dict[str, s
             client.set_registered_model_alias(params.model_name, alias, version)
 
 
-def registered_version(model_uri: str, params: MlflowParams) -> tuple[str | None, float | None]:
-    """Version number and decision threshold of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+def registered_version(model_uri: str, params: MlflowParams) -> str | None:
+    """Version number of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None for other URIs."""
     if not model_uri.startswith("models:/"):
-        return None, None
+        return None
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     client = connect(params)
     with _errors(f"read {model_uri}"):
@@ -336,8 +339,7 @@ def registered_version(model_uri: str, params: MlflowParams) -> tuple[str | None
         else:
             name, _, number = name.partition("/")
             version = client.get_model_version(name, number)
-    value = version.tags.get("threshold")
-    return str(version.version), float(value) if value else None
+    return str(version.version)
 
 
 def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
@@ -363,30 +365,21 @@ def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
     return tags
 
 
-class ImageModel(mlflow.pyfunc.PythonModel):
-    """The served model: base64 image files in, P(fake) out, preprocessing included."""
+def download_model(model_uri: str, params: MlflowParams | None = None) -> tuple[Path, str]:
+    """Download a logged or registered pyfunc's checkpoint and decision settings (files only: no
+    code runs, nothing is unpickled); returns the folder holding them and a description."""
+    from mlflow.artifacts import download_artifacts
 
-    def load_context(self, context) -> None:
-        from deepfake_detector.model import load_checkpoint
-
-        self.model, _ = load_checkpoint(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import torch
-
-        from deepfake_detector.evaluate import predict_proba
-        from deepfake_detector.predict import prepare
-
-        arrays = [prepare(base64.b64decode(b), self.model.image_size).array for b in model_input["image"]]
-        p_fake = predict_proba(self.model, np.stack(arrays), 64, torch.device("cpu"))
-        return pd.DataFrame({"p_fake": p_fake.astype(float)})
-
-
-def load_model(model_uri: str, params: MlflowParams) -> Any:
-    """The torch module of a logged or registered model, e.g. ``models:/deepfake-detector@champion``."""
-    connect(params)
-    with _errors(f"load {model_uri}"):
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    connect(params or MlflowParams())
+    version = registered_version(model_uri, params or MlflowParams())
+    with _errors(f"download {model_uri}"):
+        local = Path(download_artifacts(artifact_uri=model_uri))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    artifacts = mlmodel["flavors"]["python_function"].get("artifacts", {})
+    if "checkpoint" not in artifacts:
+        raise TrackingError(f"{model_uri} is not a model logged by this project (no checkpoint artifact)")
+    folder = local / Path(artifacts["checkpoint"]["path"]).parent
+    return folder, f"{model_uri} (version {version})" if version else model_uri
 
 
 def _first_line(exc: BaseException) -> str:

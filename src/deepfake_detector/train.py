@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import signal
 import threading
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from deepfake_detector import distributed
+from deepfake_detector import augment, distributed
 from deepfake_detector.batches import Batches, resident_choice
 from deepfake_detector.checkpoint import CheckpointStore, atomic_write_text
 from deepfake_detector.distributed import SINGLE, World
 from deepfake_detector.errors import Stopped, UserError
 from deepfake_detector.evaluate import compute_metrics
-from deepfake_detector.model import DeepfakeCNN, save_checkpoint, to_input
+from deepfake_detector.model import build_model, save_checkpoint, to_input
 from deepfake_detector.params import ModelParams, TrainParams, to_dict
 from deepfake_detector.preprocess import load_split
 
@@ -67,6 +69,18 @@ def run_config(seed: int, model: ModelParams, params: TrainParams, data: dict[st
     """What a checkpoint must match to be resumed: the params that shape the result, and the data."""
     train = {k: v for k, v in to_dict(params).items() if k not in SPEED_ONLY}
     return {"seed": seed, "model": to_dict(model), "train": train, "data": data}
+
+
+def lr_factor(params: TrainParams, total_steps: int, step: int) -> float:
+    """The learning rate at optimiser step ``step`` as a share of ``train.lr``: a linear warm-up over
+    ``train.warmup_epochs``, then constant or a cosine decay to zero (which settles the weights
+    late in training, where the best epoch is picked)."""
+    warmup = round(params.warmup_epochs * total_steps / params.epochs)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if params.scheduler == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -115,6 +129,7 @@ class Position:
     epoch: int = 1
     step: int = 0
     order: torch.Tensor | None = None  # this epoch's shuffled indices, once drawn
+    plan: dict[str, torch.Tensor] = field(default_factory=dict)  # this epoch's augmentation, per image
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_sum, correct, seen
 
 
@@ -131,15 +146,19 @@ class Trainer:
     ``model`` takes float NCHW input in [0, 1] and returns two logits (real, fake).
     """
 
-    def __init__(self, model: nn.Module, params: TrainParams, device: torch.device, seed: int, world: World) -> None:
+    def __init__(self, model: nn.Module, params: TrainParams, device: torch.device, seed: int, world: World,
+                 steps_per_epoch: int) -> None:
         self.params, self.device, self.world = params, device, world
         self.model = model.to(device)
         if params.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-        # Cosine decay to zero settles the weights late in training, where the best checkpoint is picked.
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=params.epochs)
-                          if params.scheduler == "cosine" else None)
+        # Weight decay on weights only: decaying norm scales and biases only hurts (torchvision's references).
+        decay = [p for p in self.model.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=params.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, params, steps_per_epoch * params.epochs))
         self.dtype = autocast_dtype(device, params.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
@@ -153,11 +172,11 @@ class Trainer:
         """The checkpoint: everything needed to go on exactly where training stands."""
         rng = distributed.gather(_local_rng(self.device), self.world)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(), "rng": rng,
                 "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
                 "position": {"epoch": self.position.epoch, "step": self.position.step,
-                             "order": self.position.order,
+                             "order": self.position.order, "plan": self.position.plan,
                              "sums": {k: v.cpu() for k, v in self.position.sums.items()}},
                 "history": self.history, "best": self.best, "best_state": self.best_state,
                 "seconds": self.seconds}
@@ -165,8 +184,7 @@ class Trainer:
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler:
-            self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         # Saved by a run with the same number of processes: each rank gets its own streams back.
@@ -178,7 +196,7 @@ class Trainer:
         n = state["numpy_rng"]
         np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
         pos = state["position"]
-        self.position = Position(pos["epoch"], pos["step"], pos["order"],
+        self.position = Position(pos["epoch"], pos["step"], pos["order"], pos["plan"],
                                  {k: v.to(self.device) for k, v in pos["sums"].items()})
         self.history, self.best, self.best_state = state["history"], state["best"], state["best_state"]
         self.seconds = state["seconds"]
@@ -210,7 +228,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     seed_everything(seed, world)
-    trainer = Trainer(DeepfakeCNN(model_params, train_x.shape[1]), params, device, seed, world)
+    steps = len(epoch_batches(torch.arange(len(train_x)), params.batch_size, world))
+    trainer = Trainer(build_model(model_params, train_x.shape[1]), params, device, seed, world, steps)
     if resume is not None:
         trainer.load(resume)
     net: nn.Module = trainer.model
@@ -236,8 +255,6 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                     store.save({**state, **extra}, epoch, trainer.position.step)
                 raise Stopped(stop.signum)
             sums = _reduce_sums(trainer.position.sums, world)
-            if trainer.scheduler:
-                trainer.scheduler.step()
             distributed.sync_buffers(trainer.model, world)
             valid = compute_metrics(valid_y, validate(trainer.model, valid_data, params.batch_size * 2,
                                                       trainer.dtype, world, params.channels_last))
@@ -303,19 +320,22 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
     params, device, pos, world = trainer.params, trainer.device, trainer.position, trainer.world
     if pos.order is None:
         pos.order = torch.randperm(len(data), generator=trainer.generator)
+        pos.plan = augment.draw(params.augment, len(data), trainer.generator)
         pos.step = 0
         pos.sums = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
                     dtype=torch.int64), "seen": torch.zeros((), device=device, dtype=torch.int64)}
     batches = epoch_batches(pos.order, params.batch_size, world)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     net.train()
     bar = tqdm(total=len(batches), initial=pos.step, desc=f"epoch {pos.epoch}/{params.epochs}",
                disable=not progress or not world.main, unit="batch", leave=False)
     with bar:
-        for x, y in data.iterate(batches[pos.step:]):
+        todo = batches[pos.step:]
+        for idx, (x, y) in zip(todo, data.iterate(todo, jpeg_quality=pos.plan["jpeg"])):
             if distributed.any_rank(stop.is_set(), world, device):
                 return False
-            loss, logits = train_step(trainer, net, prepare_batch(trainer, x, params.hflip), y, loss_fn)
+            plan = {k: v[idx] for k, v in pos.plan.items()}
+            loss, logits = train_step(trainer, net, prepare_batch(trainer, x, plan), y, loss_fn)
             pos.sums["loss_sum"] += loss.detach() * len(y)
             pos.sums["correct"] += (logits.argmax(1) == y).sum()
             pos.sums["seen"] += len(y)
@@ -324,15 +344,13 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
     return True
 
 
-def prepare_batch(trainer: Trainer, images: torch.Tensor, hflip: bool) -> torch.Tensor:
-    """uint8 NHWC images on the device to the model's float input, randomly flipped when ``hflip``
-    (the draws from the trainer's generator, on this thread)."""
+def prepare_batch(trainer: Trainer, images: torch.Tensor, plan: augment.Plan | None) -> torch.Tensor:
+    """uint8 NHWC images on the device to the model's float input, augmented per ``plan`` (this
+    batch's rows of the epoch's plan; None: as they are)."""
     x = to_input(images)
-    x = x.contiguous(memory_format=torch.channels_last if trainer.params.channels_last else torch.contiguous_format)
-    if hflip:
-        flip = (torch.rand(len(x), generator=trainer.generator) < 0.5).to(x.device, non_blocking=True)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    if plan is not None:
+        x = augment.apply(x, plan)
+    return x.contiguous(memory_format=torch.channels_last if trainer.params.channels_last else torch.contiguous_format)
 
 
 def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -345,6 +363,7 @@ def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tenso
     trainer.scaler.scale(loss).backward()
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
+    trainer.scheduler.step()
     return loss, logits
 
 

@@ -1,0 +1,162 @@
+"""The inference object: a trained model with everything needed to score a face the way it was evaluated.
+
+A :class:`Detector` holds the weights, the input size, the decision settings (threshold and the
+rule that chose it, face-crop policy, minimum source size) and the preprocessing. ``deepfake
+predict``, the app, the served pyfunc and ``evaluate --data`` all score through it, so the same
+image gets the same label whichever way the model was loaded. Evaluation builds on it, not the
+other way round: nothing here imports metrics, plots or MLflow.
+
+The decision settings are the evaluate stage's output (``eval/detector.json``): train's
+``model.pt`` is never rewritten. They are read beside the checkpoint (a registered model carries
+``detector.json`` next to ``model.pt``), else from the pipeline workspace's ``eval/`` next to the
+model folder; with neither, the threshold is 0.5 and a notice says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepfake_detector.model import DeepfakeNet, load_checkpoint, to_input
+from deepfake_detector.predict import Prepared, prepare
+
+DECISION_FILE = "detector.json"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How P(fake) becomes a label, and which images are scored at all."""
+
+    threshold: float = 0.5  # P(fake) at or above which an image is called fake
+    rule: str = "default"  # how the threshold was chosen (evaluate.threshold_rule), or "default"
+    crop_faces: bool = True  # crop the largest face of a photo that is not a tight face crop
+    min_source_size: int = 1  # images smaller than this (either side, before any crop) are refused
+
+    @classmethod
+    def read(cls, path: Path) -> Decision:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def write(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """P(fake) for each image of a uint8 (N, S, S, 3) array, in order; ``transform`` edits each batch."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = np.array(images[start:start + batch_size])  # a copy: memmaps are read-only
+        if transform is not None:
+            batch = transform(batch)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = model(to_input(torch.from_numpy(batch).to(device)))
+        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+class Detector:
+    """One model, ready to score images; safe to share between threads (it is never modified)."""
+
+    def __init__(self, model: DeepfakeNet, decision: Decision, source: str, device: torch.device | None = None,
+                 batch_size: int = 64) -> None:
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device).eval()
+        self.decision, self.source, self.batch_size = decision, source, batch_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def threshold(self) -> float:
+        return self.decision.threshold
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, decision: Decision | Path | None = None,
+                        device: torch.device | None = None, notice=print) -> Detector:
+        """A ``model.pt`` (or a folder holding one) with its decision settings: ``decision`` if given,
+        else ``detector.json`` beside the checkpoint, else ``../eval/detector.json`` (the pipeline
+        workspace), else the defaults (threshold 0.5), which ``notice`` announces."""
+        path = Path(path)
+        checkpoint = path / "model.pt" if path.is_dir() else path
+        model, _ = load_checkpoint(checkpoint)
+        if not isinstance(decision, Decision):
+            candidates = [decision] if decision else [checkpoint.parent / DECISION_FILE,
+                                                      checkpoint.parent.parent / "eval" / DECISION_FILE]
+            found = next((Path(c) for c in candidates if Path(c).is_file()), None)
+            if found is None:
+                notice(f"no {DECISION_FILE} for {checkpoint} (run the evaluate stage): threshold 0.5")
+            decision = Decision.read(found) if found else Decision()
+        return cls(model, decision, f"local {checkpoint}", device)
+
+    @classmethod
+    def load(cls, model: str, mlflow_params=None, device: torch.device | None = None) -> Detector:
+        """A local model folder/file, or an MLflow model URI (``models:/NAME@ALIAS``, ``runs:/...``),
+        whose checkpoint and settings are downloaded: nothing is unpickled, no logged code runs."""
+        if Path(model).exists():
+            return cls.from_checkpoint(Path(model), device=device)
+        return cls.from_registry(model, mlflow_params, device)
+
+    @classmethod
+    def from_registry(cls, model_uri: str, mlflow_params=None, device: torch.device | None = None) -> Detector:
+        from deepfake_detector.tracking import download_model
+
+        folder, described = download_model(model_uri, mlflow_params)
+        detector = cls.from_checkpoint(folder, device=device, notice=lambda m: print(m, file=sys.stderr))
+        detector.source = described
+        return detector
+
+    def prepare(self, data: bytes, crop_faces: bool | None = None) -> Prepared:
+        """Check, decode, face-crop (per the decision, unless ``crop_faces`` says otherwise) and resize
+        an image file's bytes; ValueError with a one-line reason for anything not scored."""
+        crop = self.decision.crop_faces if crop_faces is None else crop_faces
+        return prepare(data, self.image_size, crop, min_source_size=self.decision.min_source_size)
+
+    def predict(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """P(fake) of each prepared uint8 (N, S, S, 3) image."""
+        return predict_proba(self.model, images, self.batch_size, self.device, transform)
+
+    def label(self, p_fake: float) -> str:
+        return "fake" if p_fake >= self.threshold else "real"
+
+    def score_files(self, paths: list[Path], crop_faces: bool | None = None
+                    ) -> tuple[np.ndarray, dict[Path, str], list[int]]:
+        """P(fake) of each readable file, the reason each other file was not scored, and the indices
+        of the scored ones."""
+        images, errors, kept = [], {}, []
+        for i, path in enumerate(paths):
+            try:
+                images.append(self.prepare(Path(path).read_bytes(), crop_faces).array)
+                kept.append(i)
+            except (ValueError, OSError) as exc:
+                errors[Path(path)] = str(exc)
+        size = self.image_size
+        batch = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+        return self.predict(batch), errors, kept
+
+    def explain(self, array: np.ndarray) -> np.ndarray:
+        """Grad-CAM of P(fake) on the last feature map before global pooling: an (S, S) map in [0, 1],
+        high where the image pushed towards 'fake'.
+
+        The forward returns that activation with the logits and ``torch.autograd.grad`` takes the
+        gradient with respect to it alone: no module hooks and no parameter ``.grad`` on the shared
+        model, so concurrent calls (two app users) cannot see each other's maps.
+        """
+        x = to_input(torch.from_numpy(np.array(array[None]))).to(self.device)  # a copy: callers keep theirs
+        with torch.enable_grad():
+            logits, features = self.model.forward_features(x)
+            # The log-odds of 'fake': it rises with P(fake) but, unlike P(fake), does not saturate.
+            (grad,) = torch.autograd.grad(logits[0, 1] - logits[0, 0], features)
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((weights * features.detach()).sum(dim=1, keepdim=True))
+        cam = torch.nn.functional.interpolate(cam, size=array.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        cam = cam.cpu().numpy()
+        return cam / cam.max() if cam.max() > 0 else cam

@@ -1,0 +1,321 @@
+"""The stage contract (``deepfake_detector.contract``) against everything that follows it: dvc.yaml's
+params, outs and code deps (each stage's import closure), MLproject's entry points, the Kubeflow
+steps' inputs and caching, and the stages themselves, run on params that fail on any other key."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_dataset
+from deepfake_detector import stages
+from deepfake_detector.contract import PIPELINE, STAGES, Stage, from_stage_params, param_name, stage_params
+from deepfake_detector.data import pinned
+from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
+
+PACKAGE = ROOT / "src" / "deepfake_detector"
+DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def covers(names: tuple[str, ...], key: str) -> bool:
+    """Whether ``key`` is one of ``names`` or inside one of them (a section)."""
+    return any(key == name or key.startswith(f"{name}.") for name in names)
+
+
+def test_contract_names_real_keys_and_every_key_is_read():
+    keys = flatten(Params())
+    for stage in STAGES.values():
+        for name in stage.params:
+            assert any(covers((name,), key) for key in keys), f"{stage.name}: {name} is no params key"
+    unread = [key for key in keys if not any(covers(s.params, key) for s in STAGES.values())]
+    assert all(key.startswith("promote.") for key in unread), unread  # promote is a command, not a stage
+
+
+def test_stage_params_are_exactly_the_stage_keys_and_rebuild_params():
+    params = with_overrides(Params(), ["train.epochs=3", "model.channels=[8, 16]", "evaluate.threshold=0.7",
+                                       "mlflow.experiment=x", "mlflow.alias=y"])
+    flat = stage_params(params, "train")
+    assert flat["seed"] == 42 and flat["train.epochs"] == 3 and flat["model.channels"] == [8, 16]
+    assert flat["mlflow.experiment"] == "x"
+    assert {k.split(".")[0] for k in flat} == {"seed", "model", "train", "mlflow"}
+    assert [k for k in flat if k.startswith("mlflow.")] == ["mlflow.enabled", "mlflow.tracking_uri",
+                                                            "mlflow.experiment"]
+    rebuilt = from_stage_params("train", flat)
+    assert (rebuilt.train, rebuilt.model, rebuilt.mlflow.experiment) == (params.train, params.model, "x")
+    assert rebuilt.evaluate == Params().evaluate and rebuilt.mlflow.alias == "challenger"  # unread: defaults
+    with pytest.raises(ParamsError, match=r"missing seed; not read by it evaluate\.threshold"):
+        from_stage_params("train", {**{k: v for k, v in flat.items() if k != "seed"}, "evaluate.threshold": 0.1})
+
+
+# --- dvc.yaml ----------------------------------------------------------------------------------
+
+def dvc_paths(entries: list) -> list[str]:
+    """Paths of a dvc.yaml list whose entries are a path or ``{path: options}``."""
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+
+
+def test_dvc_stages_follow_the_contract():
+    assert list(DVC_STAGES) == [stage.name for stage in PIPELINE]
+    for stage in PIPELINE:
+        dvc = DVC_STAGES[stage.name]
+        assert dvc["params"] == list(stage.params), stage.name
+        outputs = dvc_paths(dvc.get("outs", []) + dvc.get("metrics", []) + dvc.get("plots", []))
+        assert sorted(outputs) == sorted(stage.outputs), stage.name
+        data_deps = [d for d in dvc_paths(dvc.get("deps", [])) if not d.startswith("src/")]
+        assert data_deps == list(stage.inputs), stage.name
+        assert dvc["cmd"].split()[:2] == ["deepfake", stage.name]
+
+
+def imported_module(node: ast.Import | ast.ImportFrom, alias: ast.alias) -> str | None:
+    """The module of this package that ``alias`` of an import statement brings in, if any."""
+    if isinstance(node, ast.Import):
+        name = alias.name
+    elif node.module == "deepfake_detector":
+        name = f"deepfake_detector.{alias.name}"
+    else:
+        name = node.module or ""
+    parts = name.split(".")
+    if parts[0] == "deepfake_detector" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").exists():
+        return parts[1]
+    return None
+
+
+def package_imports(node: ast.AST) -> set[str]:
+    """The package modules imported anywhere under ``node``, function bodies included."""
+    return {module for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for alias in n.names if (module := imported_module(n, alias))}
+
+
+def stage_modules(function: str) -> set[str]:
+    """stages.py and the package modules its ``function`` reaches there.
+
+    stages.py holds every stage, so it is read per function: the imported names the function uses,
+    its own imports, the same for each stages.py function it calls, and whatever stages.py's
+    module-level code (not imports or functions) uses, which runs for every stage.
+    """
+    tree = ast.parse((PACKAGE / "stages.py").read_text())
+    bound: dict[str, set[str]] = {}  # name bound by a top-level import -> its modules
+    functions, module_code = {}, []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if module := imported_module(node, alias):
+                    bound.setdefault(alias.asname or alias.name.split(".")[0], set()).add(module)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions[node.name] = node
+        else:
+            module_code.append(node)
+    modules, todo, seen = {"stages"}, [*module_code, functions[function]], {function}
+    while todo:
+        node = todo.pop()
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        modules |= package_imports(node) | {m for name in names for m in bound.get(name, ())}
+        for name in sorted(names & functions.keys() - seen):
+            seen.add(name)
+            todo.append(functions[name])
+    return modules
+
+
+def import_closure(function: str) -> set[str]:
+    """What :func:`stage_modules` finds, and every package module those import, at any depth.
+
+    Past stages.py a module counts whole, all its imports included (which of its functions a stage
+    calls is not followed). cli.py, which parses arguments and prints, is no stage code.
+    """
+    reached = stage_modules(function)
+    todo = sorted(reached - {"stages"})
+    while todo:
+        found = package_imports(ast.parse((PACKAGE / f"{todo.pop()}.py").read_text())) - reached
+        reached |= found
+        todo += sorted(found)
+    return reached
+
+
+@pytest.mark.parametrize("stage", PIPELINE, ids=lambda s: s.name)
+def test_dvc_code_deps_are_the_stage_import_closure(stage):
+    """A change to any module a stage runs reruns it under `dvc repro`, and no other change does."""
+    listed = {d for d in dvc_paths(DVC_STAGES[stage.name].get("deps", [])) if d.startswith("src/")}
+    expected = {f"src/deepfake_detector/{module}.py" for module in import_closure(stage.function)}
+    assert listed == expected, (f"dvc.yaml {stage.name} deps: add {sorted(expected - listed)}, "
+                                f"remove {sorted(listed - expected)}")
+
+
+def test_import_closure_follows_the_stage_function_only():
+    """stages.py is read per function: download does not depend on the training code it never runs."""
+    assert stage_modules("download") == {"stages", "data", "params"}
+    assert not {"train", "tracking", "evaluate"} & import_closure("download")
+    assert "tracking" in import_closure("train")
+
+
+# --- MLproject ---------------------------------------------------------------------------------
+
+def entry_point_yaml(stage: Stage, params: Params) -> str:
+    """The MLproject entry point the contract asks for: every leaf key of the stage, underscored,
+    defaulting to params.yaml's value (numbers as MLflow floats, the rest as text, lists in YAML),
+    each passed on as `-S key=value`. The test prints it when MLproject differs."""
+    flat = stage_params(params, stage.name)
+    lines = [f"  {stage.name}:", "    parameters:"]
+    for key, value in flat.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind, default = "float", repr(value)
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list) else value
+            kind, default = "string", json.dumps(str(text).lower() if isinstance(value, bool) else text)
+        lines.append(f"      {param_name(key)}: {{type: {kind}, default: {default}}}")
+    lines += ["    command: >-", f"      deepfake {stage.name}"]
+    for key in flat:
+        option = f"-S {key}={{{param_name(key)}}}"
+        if len(lines[-1]) + len(option) < 110:
+            lines[-1] += f" {option}"
+        else:
+            lines.append(f"      {option}")
+    return "\n".join(lines) + "\n"
+
+
+def test_mlproject_stage_entry_points_take_the_stage_params():
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    params = load_params(ROOT / "params.yaml")
+    for stage in PIPELINE:
+        text = entry_point_yaml(stage, params)
+        expected, actual = yaml.safe_load(text)[stage.name], entry_points[stage.name]
+        fix = f"MLproject's {stage.name} entry point should read:\n{text}"
+        assert actual["parameters"] == expected["parameters"], fix
+        assert actual["command"].split() == expected["command"].split(), fix
+        for key, value in stage_params(params, stage.name).items():
+            # MLflow passes the default on as text; `-S` must read it back as the same value.
+            default = expected["parameters"][param_name(key)]["default"]
+            assert stage_params(with_overrides(params, [f"{key}={default}"]), stage.name)[key] == value, key
+
+
+# --- Kubeflow ----------------------------------------------------------------------------------
+
+def compiled(tmp_path: Path, *overrides: str) -> dict:
+    from pipeline.pipeline import compile_pipeline
+
+    out = compile_pipeline(with_overrides(load_params(ROOT / "params.yaml"), list(overrides)),
+                           tmp_path / "pipeline.yaml")
+    return next(yaml.safe_load_all(out.read_text()))
+
+
+def step(spec: dict, name: str) -> dict:
+    """What the compiled spec puts into a step's cache key: its task, component and container, and
+    the defaults of the pipeline parameters it reads (the values a run without arguments passes it)."""
+    tasks = spec["root"]["dag"]["tasks"]
+    if name not in tasks:  # register sits inside the AUC gate
+        tasks = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    task = tasks[name]
+    component = spec["components"][task["componentRef"]["name"]]
+    consumed = {v["componentInputParameter"].removeprefix("pipelinechannel--")
+                for v in task["inputs"]["parameters"].values() if "componentInputParameter" in v}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    return {"task": task, "component": component,
+            "executor": spec["deploymentSpec"]["executors"][component["executorLabel"]],
+            "params": task["inputs"]["parameters"]["params"]["runtimeValue"]["constant"],
+            "reads": {name: defaults[name]["defaultValue"] for name in consumed}}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> dict:
+    return compiled(tmp_path_factory.mktemp("kfp"))
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_kfp_steps_get_only_their_stage_params(spec, name):
+    keys = stage_params(Params(), name)
+    got = step(spec, name)
+    assert set(got["params"]) == set(keys)
+    assert set(got["reads"]) == {param_name(k) for k in keys}
+
+
+def test_evaluate_param_change_keeps_the_train_step_cached(spec, tmp_path):
+    changed = compiled(tmp_path, "evaluate.threshold_rule=fixed")
+    assert changed["root"]["inputDefinitions"]["parameters"]["evaluate_threshold_rule"]["defaultValue"] == "fixed"
+    for name in ("download", "preprocess", "train"):
+        assert step(changed, name) == step(spec, name), name
+    assert step(changed, "evaluate")["reads"] != step(spec, "evaluate")["reads"]
+    # A train param moves train (and evaluate, through the new model); download and preprocess stay cached.
+    changed = compiled(tmp_path, "train.lr=0.01")
+    assert step(changed, "preprocess") == step(spec, "preprocess")
+    assert step(changed, "train")["reads"] != step(spec, "train")["reads"]
+
+
+@pytest.mark.parametrize("source, sha256, expected", [
+    ("kaggle:xhlulu/140k-real-and-fake-faces", "", False),
+    ("https://example.org/faces.zip", "", False),
+    ("https://example.org/faces.zip", "ab12", True),
+    ("/data/faces.tar.gz", "ab12", True),
+    ("/data/faces", "ab12", False),  # a folder: its sha256 is never checked
+    ("dvc:https://github.com/org/deepfake-detector", "", False),
+    ("dvc:https://github.com/org/deepfake-detector@v1.0", "", True),
+    ("dvc:git@github.com:org/deepfake-detector", "", False),
+    ("dvc:git@github.com:org/deepfake-detector@3f2c1a9", "", True),
+])
+def test_pinned_sources(source, sha256, expected):
+    assert pinned(source, sha256) is expected
+
+
+def test_download_step_is_cached_only_for_a_pinned_default_source(spec, tmp_path):
+    cached = lambda s: {n: t.get("cachingOptions", {}).get("enableCache", False)  # noqa: E731
+                        for n, t in s["root"]["dag"]["tasks"].items() if n != "condition-1"}
+    assert cached(spec) == {"download": False, "preprocess": True, "train": True, "evaluate": True}  # Kaggle
+    pinned_spec = compiled(tmp_path, "data.source=dvc:https://github.com/org/deepfake-detector@v1.0")
+    assert cached(pinned_spec) == {"download": True, "preprocess": True, "train": True, "evaluate": True}
+    assert step(spec, "register")["task"]["cachingOptions"]["enableCache"]
+
+
+# --- the stages themselves -----------------------------------------------------------------------
+
+class Guarded:
+    """Params (or a section of them) that refuse any key outside ``allowed``, noting it in ``outside``."""
+
+    def __init__(self, value, allowed: tuple[str, ...], outside: list[str], prefix: str = "") -> None:
+        self._value, self._allowed, self._outside, self._prefix = value, allowed, outside, prefix
+
+    def __getattr__(self, name: str):
+        key, value = self._prefix + name, getattr(self._value, name)
+        if covers(self._allowed, key):
+            return value
+        if any(a.startswith(f"{key}.") for a in self._allowed):
+            return Guarded(value, self._allowed, self._outside, f"{key}.")
+        self._outside.append(key)
+        raise AssertionError(f"read {key}, outside its stage's contract")
+
+
+def test_stages_read_only_their_params_and_write_only_their_outputs(tmp_path, monkeypatch):
+    """Every stage, run as DVC runs it (evaluate registers) and register as the Kubeflow step does,
+    on params that refuse the keys of other stages; each writes its outputs and nothing else."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts go beside the database, not into the stages' folders
+    root = tmp_path / "project"
+    root.mkdir()
+    params = with_overrides(Params(), [
+        f"data.source={make_dataset(tmp_path / 'faces', per_class=4, size=32)}",
+        "preprocess.image_size=32", "preprocess.min_source_size=16", "model.channels=[4]", "model.hidden=4",
+        "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu",
+        "evaluate.robustness.jpeg_quality=[90]", "evaluate.robustness.blur_sigma=[1.0]", "evaluate.mistakes=2",
+        "mlflow.register_min_auc=0", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    path = {p: root / p for p in ("data/raw", "data/processed", "models", "eval")}
+    results = {}
+    run = {
+        "download": lambda p: stages.download(p, path["data/raw"]),
+        "preprocess": lambda p: stages.preprocess(p, path["data/raw"], path["data/processed"], workers=1),
+        "train": lambda p: stages.train(p, path["data/processed"], path["models"]),
+        "evaluate": lambda p: stages.evaluate(p, path["data/processed"], path["models"], path["eval"]),
+        "register": lambda p: stages.register_model(p, path["models"], flatten(results["evaluate"])),
+    }
+    files = lambda: {f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file()}  # noqa: E731
+    outside: list[str] = []
+    for name, stage in STAGES.items():
+        assert all((root / i).exists() for i in stage.inputs), name
+        before = files()
+        results[name] = run[name](Guarded(params, stage.params, outside))
+        assert all((root / o).exists() for o in stage.outputs), name
+        written = files() - before
+        assert [f for f in written if not any(f == o or f.startswith(f"{o}/") for o in stage.outputs)] == [], name
+    assert outside == []
+    assert results["evaluate"]["registered_version"] == "1" and results["register"] == "2"
+    assert json.loads((path["models"] / "run.json").read_text())["run_id"]
