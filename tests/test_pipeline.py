@@ -221,6 +221,33 @@ def test_exp_run_and_show_list_the_runs(repo, env):
     assert len(runs) == 1 and runs[0].data.params["train.epochs"] == "1"
 
 
+def test_exp_run_in_a_temporary_clone_logs_to_the_repository(repo, env):
+    """`dvc exp run --temp` (and `--queue`) run in `.dvc/tmp/exps/tmpXXX`, deleted afterwards: the
+    run, its model and artifacts must land in the repository's own MLflow store."""
+    sh(["dvc", "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.lr=0.002", "-n", "in-temp"], repo, env)
+    client = mlflow_client(repo)
+    (run,) = client.search_runs([client.get_experiment_by_name("deepfake-detector").experiment_id],
+                                "tags.`dvc.exp_name` = 'in-temp'")
+    assert run.data.params["train.lr"] == "0.002" and "test_roc_auc" in run.data.metrics
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(repo) and (artifacts / "evaluation" / "metrics.json").exists()
+    assert not list((repo / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
+
+
+def test_project_root_sees_through_dvc_temporary_clones(tmp_path, monkeypatch):
+    from deepfake_detector.params import project_root, resolve
+
+    clone = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    clone.mkdir(parents=True)
+    (tmp_path / "repo" / "faces").mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(clone))
+    monkeypatch.chdir(clone)
+    assert project_root() == tmp_path / "repo"
+    assert resolve("faces") == str(tmp_path / "repo" / "faces") and resolve("elsewhere") == "elsewhere"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert project_root() == tmp_path / "repo"
+
+
 def test_push_and_pull_restore_data_and_model_in_another_clone(repo, env):
     # `dvc exp run` (above) leaves its results in the workspace: back to the committed ones first.
     sh(["git", "checkout", "--", "."], repo, env)

@@ -8,6 +8,7 @@ mistyped key is a :class:`ParamsError` that names it, so a typo in
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,31 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+
+def project_root() -> Path:
+    """The repository a run belongs to, against which relative paths of params (the MLflow sqlite
+    store, a local ``data.source``) resolve.
+
+    ``dvc exp run --queue`` and ``--temp`` run the pipeline in a temporary clone inside
+    ``<repo>/.dvc/tmp/exps/``, deleted afterwards (``DVC_ROOT`` is that clone): what must outlive the
+    run resolves against ``<repo>``. Anywhere else it is ``DVC_ROOT``, else the working directory.
+    """
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def resolve(path: str) -> str:
+    """``path`` if it is absolute or exists as given, else the same path under :func:`project_root`
+    when something is there."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists() or not (project_root() / candidate).exists():
+        return path
+    return str(project_root() / candidate)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

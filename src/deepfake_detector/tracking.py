@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from deepfake_detector.errors import UserError
-from deepfake_detector.params import MlflowParams
+from deepfake_detector.params import MlflowParams, project_root
 
 RUN_FILE = "run.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,8 +47,13 @@ class TrackingError(UserError):
 
 
 def tracking_uri(params: MlflowParams) -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the params' URI (an sqlite file in the repo by default)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    """``MLFLOW_TRACKING_URI`` when set, else the params' URI (an sqlite file in the repo by default,
+    a relative path taken from the project root, so queued ``dvc exp run``s log to the repo's store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    path = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(path).is_absolute():
+        return f"sqlite:///{project_root() / path}"
+    return uri
 
 
 class Tracker:
@@ -84,8 +89,11 @@ class Tracker:
                     # Not mlflow.set_experiment: it also exports MLFLOW_EXPERIMENT_ID to this process's
                     # environment, which every later subprocess (`mlflow run`, say) would inherit.
                     experiment = client.get_experiment_by_name(params.experiment)
+                    # A local store keeps artifacts beside it, in the project (not a temporary clone's cwd).
+                    local = tracking_uri(params).startswith("sqlite:///")
+                    location = (project_root() / "mlruns").as_uri() if local else None
                     experiment_id = (experiment.experiment_id if experiment
-                                     else client.create_experiment(params.experiment))
+                                     else client.create_experiment(params.experiment, artifact_location=location))
                     tracker.run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
                 tracker.log_params(log_params)
         return tracker
