@@ -182,6 +182,27 @@ def test_local_folder_is_copied_with_counts(tmp_path: Path, out_dir: Path, neste
     assert os.listdir(out_dir.parent) == [out_dir.name]
 
 
+def test_links_out_of_a_local_source_are_skipped_and_loops_impossible(tmp_path: Path, out_dir: Path) -> None:
+    """A link to a file outside the source (a secret of this machine) is never copied into data/raw,
+    a linked folder (here a loop to its parent) is not followed; both are reported. A link to a file
+    inside the source is copied as that file."""
+    source = tmp_path / "source"
+    make_dataset(source)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    (source / "train" / "real" / "link.jpg").symlink_to(secret)
+    (source / "train" / "fake" / "loop").symlink_to(source / "train", target_is_directory=True)
+    (source / "valid" / "real" / "again.jpg").symlink_to(source / "valid" / "real" / "0.jpg")
+
+    info = download(str(source), out_dir)
+
+    assert info["skipped_links"] == ["train/fake/loop", "train/real/link.jpg"]
+    assert not any("password" in p.read_text(errors="ignore") for p in out_dir.rglob("*") if p.is_file())
+    assert not (out_dir / "train" / "fake" / "loop").exists()
+    assert (out_dir / "valid" / "real" / "again.jpg").read_bytes() == (source / "valid" / "real" / "0.jpg").read_bytes()
+    assert json.loads((out_dir / INFO_FILE).read_text())["skipped_links"] == info["skipped_links"]
+
+
 def test_read_only_source_gives_writable_copies(read_only_source: Path, out_dir: Path) -> None:
     """Read-only source files and folders come out writable, so the copy can be replaced later."""
     download(str(read_only_source), out_dir)

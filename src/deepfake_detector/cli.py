@@ -26,6 +26,9 @@ def cmd_download(p: Params, args: argparse.Namespace) -> None:
 
     info = stages.download(p, args.out)
     print(f"downloaded {info['kind']} source {info['source']} to {args.out}: {json.dumps(info['files'])}")
+    if info.get("skipped_links"):
+        print(f"skipped {len(info['skipped_links'])} links that lead out of the source or to a folder: "
+              f"{', '.join(info['skipped_links'][:10])}{' ...' if len(info['skipped_links']) > 10 else ''}")
 
 
 def cmd_preprocess(p: Params, args: argparse.Namespace) -> None:

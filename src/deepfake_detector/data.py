@@ -49,11 +49,12 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    skipped_links: list[str] = []
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         staging = Path(tmp) / "dataset"
         if source.startswith("kaggle:"):
             kind = "kaggle"
-            _copy_tree(_kaggle_download(source.removeprefix("kaggle:")), staging)
+            skipped_links = _copy_tree(_kaggle_download(source.removeprefix("kaggle:")), staging)
         elif source.startswith("dvc:"):
             kind = "dvc"
             dvc_info = _dvc_get(source.removeprefix("dvc:"), staging)
@@ -75,12 +76,13 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
                 _check_sha256(local, sha256)
                 extract_archive(local, staging)
             else:
-                _copy_tree(local, staging)
+                skipped_links = _copy_tree(local, staging)
         split_root = find_split_root(staging)
         counts = {split: {cls: sum(1 for _ in iter_files(split_root / split / cls)) for cls in CLASSES}
                   for split in SPLITS}
         info = {"source": source, "kind": kind, "split_root": split_root.relative_to(staging).as_posix(),
-                "files": counts, **({"dvc": dvc_info} if kind == "dvc" else {})}
+                "files": counts, **({"dvc": dvc_info} if kind == "dvc" else {}),
+                **({"skipped_links": skipped_links} if skipped_links else {})}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -236,16 +238,29 @@ def _check_sha256(path: Path, expected: str) -> None:
         raise DataError(f"sha256 mismatch for {path.name}: expected {expected}, got {digest.hexdigest()}")
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
+def _copy_tree(src: Path, dst: Path) -> list[str]:
+    """Copy the folder ``src`` to ``dst``; returns the links skipped (relative paths).
+
+    A link to a file inside ``src`` is copied as that file. A link that leads out of ``src`` (it
+    could pull any file of this machine into data/raw, and `dvc push` would ship it) and a link to
+    a folder (a loop, or the same files twice) are skipped and reported.
+    """
+    root, skipped = src.resolve(), []
     # Plain copies, not copytree: sources may be read-only (a shared mount) and their modes must not
     # follow the files into data/raw, or DVC could not replace them later.
-    for folder, dirs, files in os.walk(src, followlinks=True):
+    for folder, dirs, files in os.walk(src):  # never descends into a linked folder
         dirs.sort()
-        target = dst / Path(folder).relative_to(src)
+        here = Path(folder)
+        skipped += [(here / d).relative_to(src).as_posix() for d in dirs if (here / d).is_symlink()]
+        target = dst / here.relative_to(src)
         target.mkdir(parents=True, exist_ok=True)
         for name in files:
-            if name != INFO_FILE:
-                shutil.copyfile(Path(folder) / name, target / name)
+            path = here / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                skipped.append(path.relative_to(src).as_posix())
+            elif name != INFO_FILE and path.is_file():
+                shutil.copyfile(path, target / name)
+    return sorted(skipped)
 
 
 DVC_DATA_PATH = "data/raw"
