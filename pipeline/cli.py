@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deepfake_detector.cli import common_options, run
-from deepfake_detector.contract import param_name
+from deepfake_detector.contract import param_name, param_value
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, flatten, with_overrides
 
@@ -73,9 +73,7 @@ def run_arguments(params: Params, run_params: list[str]) -> dict[str, Any]:
         keys.append(known[param_name(key)])
         overrides.append(f"{keys[-1]}={value}")
     checked = flatten(with_overrides(params, overrides))  # type-checked now, not on the cluster
-    # Lists are comma-separated text, as make_pipeline declares them.
-    return {param_name(k): ",".join(map(str, checked[k])) if isinstance(checked[k], list) else checked[k]
-            for k in keys}
+    return {param_name(k): param_value(checked[k]) for k in keys}  # as make_pipeline declares them
 
 
 def cmd_submit(params: Params, args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 
 from components.stages import build
-from deepfake_detector.contract import STAGES, param_name, stage_params
+from deepfake_detector.contract import STAGES, param_name, param_value, stage_params
 from deepfake_detector.data import pinned
 from deepfake_detector.params import Params, flatten
 
@@ -90,10 +90,8 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
             kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in SECRET_OPTIONAL},
                                          optional=True)
 
-    # KFP reads inputs from the signature: one typed, defaulted parameter per key. Lists become
-    # comma-separated strings ("16,32,64"): KFP hands list items inside a dict over as unescaped
-    # JSON, which breaks on strings; Params reads the text back.
-    defaults_ = {key: ",".join(map(str, v)) if isinstance(v, list) else v for key, v in flat.items()}
+    # KFP reads inputs from the signature: one typed, defaulted parameter per key.
+    defaults_ = {key: param_value(v) for key, v in flat.items()}
     parameters = [inspect.Parameter(names[key], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
                                     annotation=type(value)) for key, value in defaults_.items()]
     deepfake_detector_pipeline.__signature__ = inspect.Signature(parameters)

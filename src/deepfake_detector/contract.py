@@ -54,6 +54,13 @@ def param_name(key: str) -> str:
     return key.replace(".", "_")
 
 
+def param_value(value: Any) -> Any:
+    """A param's value as a Kubeflow parameter: lists as comma-separated text ("16,32,64"), since KFP
+    hands list items inside a dict over as unescaped JSON, which breaks on strings; Params reads the
+    text back."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
 def stage_params(params: Params, stage: str) -> dict[str, Any]:
     """The flat params (dotted keys, as :func:`flatten` names them) that ``stage`` reads, and no others."""
     names = STAGES[stage].params

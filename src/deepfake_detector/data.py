@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from deepfake_detector.errors import UserError
+from deepfake_detector.params import resolve
 
 SPLITS = ("train", "valid", "test")
 CLASSES = ("real", "fake")  # index = label: 0 real, 1 fake (the positive class we detect)
@@ -65,7 +66,7 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
             _check_sha256(archive, sha256)
             extract_archive(archive, staging)
         else:
-            local = Path(source).expanduser()
+            local = Path(resolve(str(Path(source).expanduser())))  # relative: against the project
             if not local.exists():
                 raise DataError(f"data.source {source!r} is not a kaggle: slug, an http(s) URL or an "
                                 "existing path")

@@ -22,14 +22,13 @@ from deepfake_detector.card import model_card
 from deepfake_detector.checkpoint import CheckpointStore, data_fingerprint, run_key
 from deepfake_detector.detector import DECISION_FILE, Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.params import Params, flatten, resolve
+from deepfake_detector.params import Params, flatten
 from deepfake_detector.tracking import RUN_FILE, Tracker, TrackingError, end_pending, run_tags
 
 
 def download(p: Params, out: Path) -> dict:
     """Fetch ``data.source`` into ``out``; returns the source info and file counts."""
-    source = p.data.source if ":" in p.data.source.split("/")[0] else resolve(p.data.source)  # not for kaggle:, dvc:, URLs
-    return data.download(source, Path(out), p.data.sha256, p.download.timeout_s, p.download.retries)
+    return data.download(p.data.source, Path(out), p.data.sha256, p.download.timeout_s, p.download.retries)
 
 
 def preprocess(p: Params, raw: Path, out: Path, workers: int | None = None, progress: bool = False) -> dict:
