@@ -5,7 +5,7 @@ split of a preprocessed dataset (the same images for both runs of a size, each c
 once with ``model.pretrained`` as set and once from scratch, and scores the test split at the
 threshold chosen on valid. Writes ``learning_curve.csv`` and ``learning_curve.png`` to ``--out``.
 
-    python benchmarks/learning_curve.py --data data/processed --out eval/learning-curve
+    python benchmarks/learning_curve.py --data data/processed --out build/learning-curve
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def subset(processed: Path, out: Path, fraction: float, seed: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
-    parser.add_argument("--out", type=Path, default=Path("eval/learning-curve"))
+    parser.add_argument("--out", type=Path, default=Path("build/learning-curve"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()

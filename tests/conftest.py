@@ -87,7 +87,7 @@ def synthetic_model(tmp_path_factory, synthetic_processed) -> Path:
     from deepfake_detector.train import fit
 
     out = tmp_path_factory.mktemp("synthetic-model")
-    fit(synthetic_processed, out, ModelParams(channels=(8, 16), convs_per_block=1, hidden=16),
+    fit(synthetic_processed, out, ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16),
         TrainParams(epochs=8, batch_size=16, lr=3e-3, augment=FLIPS_ONLY), torch.device("cpu"), seed=0, progress=False)
     return out
 

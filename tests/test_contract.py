@@ -36,7 +36,7 @@ def test_contract_names_real_keys_and_every_key_is_read():
 
 
 def test_stage_params_are_exactly_the_stage_keys_and_rebuild_params():
-    params = with_overrides(Params(), ["train.epochs=3", "model.channels=[8, 16]", "evaluate.threshold=0.7",
+    params = with_overrides(Params(), ["seed=42", "train.epochs=3", "model.channels=[8, 16]", "evaluate.threshold=0.7",
                                        "mlflow.experiment=x", "mlflow.alias=y"])
     flat = stage_params(params, "train")
     assert flat["seed"] == 42 and flat["train.epochs"] == 3 and flat["model.channels"] == [8, 16]
@@ -294,7 +294,8 @@ def test_stages_read_only_their_params_and_write_only_their_outputs(tmp_path, mo
     root.mkdir()
     params = with_overrides(Params(), [
         f"data.source={make_dataset(tmp_path / 'faces', per_class=4, size=32)}",
-        "preprocess.image_size=32", "preprocess.min_source_size=16", "model.channels=[4]", "model.hidden=4",
+        "preprocess.image_size=32", "preprocess.min_source_size=16", "model.arch=cnn", "model.pretrained=none",
+        "model.channels=[4]", "model.hidden=4",
         "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu",
         "evaluate.robustness.jpeg_quality=[90]", "evaluate.robustness.blur_sigma=[1.0]", "evaluate.mistakes=2",
         "mlflow.register_min_auc=0", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])

@@ -3,6 +3,8 @@ the pip package and from a state dict file; a state dict of another arch is a cl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from deepfake_detector.params import ARCHS, ModelParams
 
 
 def cnn(config: ModelParams, size: int):
-    return build_model(config, size)  # arch cnn, the default
+    return build_model(replace(config, arch="cnn", pretrained="none"), size)
 
 
 @pytest.mark.parametrize("channels, convs, size", [((8,), 1, 32), ((8, 16, 32), 2, 64), ((16, 32, 64, 128), 2, 128)])
@@ -55,7 +57,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_every_arch_trains_a_step_round_trips_and_explains(arch, tmp_path):
     torch.manual_seed(0)
     size = 64
-    model = build_model(ModelParams(arch=arch, channels=(8, 16), hidden=8), size)
+    model = build_model(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), size)
     x, y = torch.rand(4, 3, size, size), torch.tensor([0, 1, 0, 1])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
@@ -96,3 +98,42 @@ def test_pretrained_path_loads_like_a_download_and_another_arch_is_named(tmp_pat
         build_model(ModelParams(arch="resnet50", pretrained=str(tmp_path / "resnet18.pth")), 64)
     with pytest.raises(UserError, match="not found"):
         build_model(ModelParams(arch="resnet18", pretrained=str(tmp_path / "missing.pth")), 64)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_round_trips_through_the_registry_and_the_pyfunc(arch, tmp_path, monkeypatch):
+    """Saved, logged from code, registered in a sqlite registry, loaded back as a pyfunc by alias:
+    the same P(fake) as the in-process Detector, and the arch read from the checkpoint alone."""
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from deepfake_detector.params import MlflowParams
+    from deepfake_detector.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the store's artifacts land here
+    torch.manual_seed(0)
+    size = 64
+    save_checkpoint(build_model(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), size).eval(),
+                    tmp_path / "model.pt", epoch=1)
+    Decision(threshold=0.4, rule="fixed").write(tmp_path / "detector.json")
+    buffer = io.BytesIO()
+    Image.fromarray((torch.rand(size, size, 3) * 255).byte().numpy()).save(buffer, format="PNG")
+    params = MlflowParams(tracking_uri=uri)
+    tracker = Tracker.start(params, f"roundtrip-{arch}", {}, {})
+    with tracker.running():
+        model_uri = tracker.log_model(tmp_path / "model.pt", tmp_path / "detector.json", buffer.getvalue())
+    assert tracker.register(model_uri, {}) is not None
+
+    served = mlflow.pyfunc.load_model(f"models:/{params.model_name}@{params.alias}")
+    row = served.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})).iloc[0]
+    (tmp_path / "face.png").write_bytes(buffer.getvalue())
+    detector = Detector.load(str(tmp_path), params)
+    expected, _, _ = detector.score_files([tmp_path / "face.png"])
+    assert row["error"] == "" and row["p_fake"] == pytest.approx(float(expected[0]), abs=1e-5)
+    assert detector.model.config.arch == arch and row["label"] == detector.label(float(expected[0]))

@@ -25,6 +25,8 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/co
 SMALL = {  # a slice of faces-mini and a small network: the whole pipeline in seconds
     ("preprocess", "limit_per_class"): 12,
     ("preprocess", "image_size"): 32,
+    ("model", "arch"): "cnn",
+    ("model", "pretrained"): "none",
     ("model", "channels"): [8, 16],
     ("model", "hidden"): 16,
     ("train", "epochs"): 2,

@@ -19,7 +19,7 @@ from deepfake_detector.model import load_checkpoint
 
 EPOCHS = 3
 # Big enough that an epoch takes a noticeable time (a signal lands inside a run), small enough for CI.
-SMALL = ["-S", "model.channels=[16,32,64]", "-S", "model.hidden=16", "-S", f"train.epochs={EPOCHS}",
+SMALL = ["-S", "model.arch=cnn", "-S", "model.pretrained=none", "-S", "model.channels=[16,32,64]", "-S", "model.hidden=16", "-S", f"train.epochs={EPOCHS}",
          "-S", "train.batch_size=16", "-S", "train.lr=0.003", "-S", "train.device=cpu", "-S", "seed=7"]
 
 

@@ -14,7 +14,7 @@ from deepfake_detector.errors import UserError
 from deepfake_detector.model import load_checkpoint
 from deepfake_detector.params import ModelParams, TrainParams
 
-MODEL = ModelParams(channels=(8, 16), convs_per_block=1, hidden=16, dropout=0.1)
+MODEL = ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16, dropout=0.1)
 
 
 def test_fit_learns_and_reports_each_epoch(tmp_path, synthetic_processed):
