@@ -1,6 +1,6 @@
 """Upload faces, see real or fake with P(fake), a Grad-CAM heatmap, and which model answered.
 
-    make app        # or: streamlit run app/streamlit_app.py
+    make app        # or: .venv/bin/streamlit run app/streamlit_app.py
 
 Configuration (environment): MLFLOW_TRACKING_URI (default: params.yaml's, the repo's sqlite store),
 DEEPFAKE_MODEL_URI (default models:/deepfake-detector@champion), DEEPFAKE_MODEL_PATH (a folder with
@@ -19,6 +19,7 @@ from deepfake_detector.data import CLASSES, DataError, find_split_root, iter_fil
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, load_params
 from deepfake_detector.predict import overlay
+from deepfake_detector.preprocess import IMAGE_SUFFIXES
 from deepfake_detector.stages import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +83,11 @@ def main() -> None:
     detector, problem = detector_for(model_uri, os.environ.get("DEEPFAKE_MODEL_PATH", str(ROOT / "models")))
     if detector is None:
         st.error(f"No model to answer with ({problem}). Train one with `make pipeline`, promote it with "
-                 "`deepfake promote`, or set DEEPFAKE_MODEL_URI / DEEPFAKE_MODEL_PATH.")
+                 "`.venv/bin/deepfake promote`, or set DEEPFAKE_MODEL_URI / DEEPFAKE_MODEL_PATH.")
         return
     st.caption(f"Model: {detector.source}, threshold {detector.threshold:.3f} ({detector.decision.rule}), "
                f"input {detector.image_size} px")
-    uploads = st.file_uploader("Upload face images", type=["jpg", "jpeg", "png", "webp"], accept_multiple_files=True)
+    uploads = st.file_uploader("Upload face images", type=sorted(IMAGE_SUFFIXES), accept_multiple_files=True)
     offered = samples(Path(os.environ.get("DEEPFAKE_SAMPLES", str(ROOT / "data" / "raw"))))
     picked = st.selectbox("...or pick a sample", ["(none)", *offered]) if offered else "(none)"
     for upload in uploads or []:

@@ -21,34 +21,52 @@ from deepfake_detector.params import Params, flatten, with_overrides
 
 # pipeline.pipeline (kfp) is imported inside the functions, so that main can say what is missing.
 PROG = "deepfake-pipeline"
+PACKAGE = Path("build/pipeline.yaml")  # build/ is git-ignored: a compiled spec is not source
+# `compile`'s help for each ClusterOptions field (a new field without one is a KeyError in build_parser).
+CLUSTER_HELP = {
+    "image": "project image every step runs on",
+    "mlflow_secret": "Kubernetes secret holding MLFLOW_TRACKING_URI and any credentials",
+    "accelerator_type": "accelerator resource the train step requests",
+    "accelerator_limit": "accelerators for train, one torchrun process each; 0 trains on CPU",
+    "train_cpu": "CPUs the train step requests",
+    "train_memory": "memory the train step requests",
+    "download_retries": "retries of a failed download step",
+    "train_retries": "retries of a failed train pod, resumed from --checkpoint-pvc if set",
+    "checkpoint_pvc": "existing PersistentVolumeClaim for resumable checkpoints",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """``compile`` and ``submit``; raises ModuleNotFoundError without kfp (the kubeflow extra)."""
     from pipeline.pipeline import ClusterOptions
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description="Compile the Kubeflow pipeline, or submit a compiled "
+                                     "one to a Kubeflow Pipelines endpoint.")
     common = common_options()
-    sub = parser.add_subparsers(dest="command", required=True)
-    compile_ = sub.add_parser("compile", parents=[common],
-                              help="write the KFP pipeline spec (defaults from params.yaml and -S)")
-    compile_.add_argument("--out", type=Path, default=Path("pipeline.yaml"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help=f"one of these; `{PROG} COMMAND --help` lists its options")
+    compile_help = "write the KFP pipeline spec (parameter defaults from params.yaml and -S)"
+    compile_ = sub.add_parser("compile", parents=[common], help=compile_help, description=compile_help)
+    compile_.add_argument("--out", type=Path, default=PACKAGE, help="where the spec goes (default: %(default)s)")
     for f in fields(ClusterOptions):
         compile_.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                              help=f"default: {f.default if f.default != '' else 'none'}")
+                              help=f"{CLUSTER_HELP[f.name]} (default: {f.default if f.default != '' else 'none'})")
     compile_.set_defaults(func=cmd_compile)
 
-    submit = sub.add_parser("submit", parents=[common],
-                            help="submit a compiled pipeline to a Kubeflow Pipelines endpoint")
+    submit_help = "submit a compiled pipeline to a Kubeflow Pipelines endpoint"
+    submit = sub.add_parser("submit", parents=[common], help=submit_help, description=submit_help)
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    submit.add_argument("--package", type=Path, default=Path("pipeline.yaml"), help="from `compile`")
-    submit.add_argument("--experiment", default="deepfake-detector")
-    submit.add_argument("--run-name", default=None)
+    submit.add_argument("--package", type=Path, default=PACKAGE,
+                        help="the spec `compile` wrote (default: %(default)s)")
+    submit.add_argument("--experiment", default="deepfake-detector",
+                        help="KFP experiment, created when missing (default: %(default)s)")
+    submit.add_argument("--run-name", default=None, help="the run's display name (default: KFP's)")
     submit.add_argument("-p", "--param", dest="run_params", action="append", default=[], metavar="KEY=VALUE",
                         help="pipeline parameter, as in params.yaml (train.epochs=3) or the UI (train_epochs=3)")
     submit.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
     submit.add_argument("--token", default=None, help="bearer token (default: the kfp client's own lookup)")
-    submit.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the host to answer")
+    submit.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the host to answer (default: %(default)s)")
     submit.set_defaults(func=cmd_submit)
     return parser
 
@@ -57,6 +75,7 @@ def cmd_compile(params: Params, args: argparse.Namespace) -> None:
     from pipeline.pipeline import ClusterOptions, compile_pipeline
 
     options = ClusterOptions(**{f.name: getattr(args, f.name) for f in fields(ClusterOptions)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the default, build/, is absent in a fresh clone
     compile_pipeline(params, args.out, options)
     print(f"wrote {args.out} (image {options.image})")
 
@@ -80,7 +99,7 @@ def cmd_submit(params: Params, args: argparse.Namespace) -> None:
     import kfp
 
     if not args.package.exists():
-        raise UserError(f"{args.package} not found: run `{PROG} compile` first")
+        raise UserError(f"{args.package} not found: run `{PROG} compile --out {args.package}` first")
     arguments = run_arguments(params, args.run_params)
     _check_reachable(args.host, args.timeout)
     try:
@@ -115,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("kfp"):  # kfp missing is a setup step; anything else a bug
             raise
-        print(f"{PROG}: error: needs the kubeflow extra ({exc}): pip install -e '.[kubeflow]'", file=sys.stderr)
+        print(f"{PROG}: error: needs the kubeflow extra ({exc}): in the repository, "
+              f"{sys.executable} -m pip install -e '.[kubeflow]'", file=sys.stderr)
         return 2
     return run(parser, argv)
 

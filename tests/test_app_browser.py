@@ -2,7 +2,7 @@
 
 Starts ``streamlit run app/streamlit_app.py`` on a loopback port with a freshly trained tiny model and
 an empty MLflow store (so the app falls back to the local model folder), then drives it with Playwright.
-Playwright uses Debian's chromium (``make browser``) and never downloads a browser of its own.
+Playwright uses Debian's chromium (``sudo make browser``) and never downloads a browser of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from conftest import FACES_MINI, ROOT, free_port, synthetic_face, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} missing (install with `make browser`)")]
+              pytest.mark.skipif(not CHROMIUM.exists(),
+                                 reason=f"{CHROMIUM} missing: install Debian's chromium with `sudo make browser`")]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the `test` extra has it)")
 
 APP = ROOT / "app" / "streamlit_app.py"

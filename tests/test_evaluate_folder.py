@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, synthetic_face
+from deepfake_detector.detector import Detector
 
 
 @pytest.fixture
@@ -64,3 +68,116 @@ def test_folder_without_classes_is_a_clear_error(tmp_path, model_dir):
     (tmp_path / "flat").mkdir()
     result = evaluate(tmp_path / "flat", model_dir, tmp_path / "out")
     assert result.returncode == 2 and "needs real/ and fake/" in result.stderr and "Traceback" not in result.stderr
+
+
+def kaggle_csv(path, rows):
+    """A CSV with the columns of Kaggle's 140k CSVs (numeric ``label`` 1 = real); ``rows`` are (path, class)."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["", "original_path", "id", "label", "label_str", "path"])
+        writer.writerows((i, Path(p).name, Path(p).stem, int(cls == "real"), cls, p) for i, (p, cls) in enumerate(rows))
+
+
+def test_faces_mini_kaggle_csv_is_scored_in_place(tmp_path, model_dir, faces_mini):
+    result = evaluate(faces_mini / "valid.csv", model_dir, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["n_real"], metrics["n_fake"], metrics["unreadable"]) == (100, 100, 0)
+    with (tmp_path / "out" / "plots" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # The CSV's paths (valid/real/x.jpg) were found under real-vs-fake/ beside it, each with its label_str.
+    assert all(Path(r["path"]).is_relative_to(faces_mini / "real-vs-fake" / "valid") for r in rows)
+    assert all(Path(r["path"]).parent.name == r["actual"] for r in rows)
+
+
+def test_kaggle_download_layout_and_root(tmp_path, model_dir):
+    download = tmp_path / "140k"  # Kaggle's download: the CSVs beside real_vs_fake/real-vs-fake/
+    split_root = download / "real_vs_fake" / "real-vs-fake"
+    rows = []
+    for label, cls in enumerate(("real", "fake")):
+        (split_root / "test" / cls).mkdir(parents=True)
+        for i in range(6):
+            synthetic_face(label, 7000 + i, 32).save(split_root / "test" / cls / f"{i}.png")
+            rows.append((f"test/{cls}/{i}.png", cls))
+    kaggle_csv(download / "test.csv", rows)
+    found = evaluate(download / "test.csv", model_dir, tmp_path / "out")
+    assert found.returncode == 0, found.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["n_real"], metrics["n_fake"], metrics["unreadable"]) == (6, 6, 0) and metrics["roc_auc"] >= 0.9
+
+    moved = tmp_path / "elsewhere" / "test.csv"
+    moved.parent.mkdir()
+    shutil.copy(download / "test.csv", moved)
+    lost = evaluate(moved, model_dir, tmp_path / "out-moved")
+    assert lost.returncode == 2 and "Traceback" not in lost.stderr and len(lost.stderr.strip().splitlines()) == 1
+    assert "test/real/0.png" in lost.stderr and "real_vs_fake/real-vs-fake/" in lost.stderr and "--root" in lost.stderr
+    rooted = evaluate(moved, model_dir, tmp_path / "out-moved", "--root", str(split_root))
+    assert rooted.returncode == 0, rooted.stderr
+    assert json.loads((tmp_path / "out-moved" / "metrics.json").read_text())["n"] == 12
+
+
+def test_no_readable_image_is_one_line_and_keeps_the_previous_outputs(tmp_path, model_dir):
+    out = tmp_path / "out"
+    assert evaluate(labelled_folder(tmp_path / "good"), model_dir, out).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad"
+    for cls in ("real", "fake"):
+        (bad / cls).mkdir(parents=True)
+        (bad / cls / "face.jpg").write_bytes(b"not an image")
+    result = evaluate(bad, model_dir, out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "none of the 2 images" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the previous run's, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "good", "out"]  # no temporary folder left
+
+    refused = evaluate(bad, model_dir, tmp_path)  # not replaced: it holds what evaluate never wrote
+    assert refused.returncode == 2 and "holds files this stage does not write (bad, good, out)" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "good", "out"]
+
+
+def test_one_class_set_gets_threshold_metrics_and_undefined_ranking_metrics(tmp_path, model_dir):
+    data = tmp_path / "fakes-only"
+    (data / "real").mkdir(parents=True)
+    (data / "fake").mkdir()
+    for i in range(5):
+        synthetic_face(1, 6000 + i, 32).save(data / "fake" / f"{i}.png")
+    result = evaluate(data, model_dir, tmp_path / "out", "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["roc_auc"] is metrics["average_precision"] is metrics["eer"] is None
+    assert (metrics["n"], metrics["n_fake"], metrics["fn"] + metrics["tp"]) == (5, 5, 5)
+    assert metrics["accuracy"] == metrics["recall"] == metrics["tp"] / 5  # all fakes: accuracy is recall
+    assert "roc_auc undefined" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "only fake images" in warnings[0] and "plots are skipped" in warnings[0]
+    pngs = tmp_path / "out" / "plots" / "images"
+    assert sorted(p.name for p in pngs.iterdir()) == ["confusion.png", "reliability.png"]
+
+
+class CountingDetector(Detector):
+    """A Detector that counts the images it has decoded and not yet scored: what the scoring path holds."""
+
+    held = peak = 0
+
+    def prepare(self, data, crop_faces=None):
+        prepared = super().prepare(data, crop_faces)
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        return prepared
+
+    def predict(self, images, transform=None):
+        self.held -= len(images)
+        return super().predict(images, transform)
+
+
+def test_scoring_holds_one_batch_of_decoded_images_at_a_time(tmp_path, model_dir):
+    files = sorted(labelled_folder(tmp_path / "faces").rglob("*.*"))  # 12 faces and a broken file
+    streamed = CountingDetector.from_checkpoint(model_dir)
+    streamed.batch_size = 4
+    p_fake, errors, kept = streamed.score_files(files)
+    assert len(kept) == 12 > 2 * streamed.batch_size and streamed.held == 0
+    assert streamed.peak == streamed.batch_size  # never the whole set
+    whole = Detector.from_checkpoint(model_dir)
+    whole.batch_size = len(files)
+    expected, expected_errors, expected_kept = whole.score_files(files)
+    assert kept == expected_kept and errors == expected_errors and np.allclose(p_fake, expected, atol=1e-6)

@@ -31,7 +31,7 @@ from deepfake_detector.params import flatten, load_params
 
 needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 SMALL = {"data_source": str(FACES_MINI), "preprocess_limit_per_class": 8, "preprocess_image_size": 32,
-         "model_channels": "8", "model_hidden": 8, "train_epochs": 1}
+         "model_arch": "cnn", "model_pretrained": "none", "model_channels": "8", "model_hidden": 8, "train_epochs": 1}
 
 
 # The console script pyproject.toml declares, as installed in this environment.
@@ -520,8 +520,12 @@ def test_download_from_a_dvc_repository_at_a_revision(tmp_path):
 def test_mlproject_main_runs_with_the_local_env(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("MLproject", "python_env.yaml", "params.yaml"):
+    for name in ("MLproject", "python_env.yaml"):
         shutil.copy(ROOT / name, project / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())  # the small custom CNN: seconds, not minutes
+    params["model"] |= {"arch": "cnn", "pretrained": "none", "channels": [8, 16], "hidden": 8}
+    params["mlflow"]["register_min_auc"] = 0.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = git_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "mlflow"), "run", str(project), "-e", "main", "--env-manager", "local",

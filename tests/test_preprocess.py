@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -148,3 +150,43 @@ def test_cli_missing_split_exits_2_without_traceback(tmp_path, cli_env):
         capture_output=True, text=True, env=cli_env, timeout=120)
     assert result.returncode == 2
     assert "missing valid/" in result.stderr and "Traceback" not in result.stderr
+
+
+# `deepfake` with SIGXFSZ at its default action, which kills the process outright (no cleanup, as
+# SIGKILL or a power cut would) when a file it writes outgrows RLIMIT_FSIZE; Python otherwise
+# ignores the signal and raises an OSError instead.
+KILLABLE_CLI = ("import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+                "from deepfake_detector.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_a_run_killed_midway_leaves_the_previous_outputs_and_the_next_run_tidies_up(tmp_path, cli_env):
+    split_root = make_dataset(tmp_path / "raw", per_class=2)
+    for label, cls in enumerate(("real", "fake")):  # the test split, written last, gets the biggest images.npy
+        for i in range(2, 8):
+            synthetic_face(label, 9000 + i, 48).save(split_root / "test" / cls / f"{i:04d}.jpg", quality=95)
+    out = tmp_path / "processed"
+    command = [sys.executable, "-c", KILLABLE_CLI, "preprocess", "--params", str(ROOT / "params.yaml"),
+               "--raw", str(tmp_path / "raw"), "--out", str(out), "-S", "preprocess.image_size=32",
+               "-S", "preprocess.min_source_size=16", "--workers", "1"]
+    first = subprocess.run(command, capture_output=True, text=True, env=cli_env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = digest_tree(out)
+    sizes = {split: (out / split / "images.npy").stat().st_size for split in ("train", "valid", "test")}
+    limit = (max(sizes["train"], sizes["valid"]) + sizes["test"]) // 2  # only test/images.npy outgrows it
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from the kill
+
+    rerun = [*command, "-S", "seed=1"]  # other train pixels: a rerun writing in place would show in the hashes
+    killed = subprocess.run(rerun, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+                            env={**cli_env, "PYTHONDONTWRITEBYTECODE": "1"})  # a big .pyc must not be what dies
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+    assert digest_tree(out) == before  # meta.json and every split's files: the first run's, byte for byte
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name.startswith("processed.tmp-")]
+    assert (leftover / "valid" / "index.csv").is_file()  # it was killed mid-way, with two splits written
+
+    again = subprocess.run(rerun, capture_output=True, text=True, env=cli_env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]  # the leftover is gone
+    assert json.loads((out / "meta.json").read_text())["seed"] == 1 and digest_tree(out) != before

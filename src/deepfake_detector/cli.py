@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,13 @@ def cmd_train(p: Params, args: argparse.Namespace) -> None:
           + (f"; MLflow run {s['run_id']}" if s["run_id"] else ""))
 
 
+def figure(value: object) -> str:
+    """A metric as printed: floats to 4 places, NaN (AUC of a one-class set) as "undefined"."""
+    if isinstance(value, float):
+        return "undefined" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
 def cmd_evaluate(p: Params, args: argparse.Namespace) -> None:
     from deepfake_detector import stages
     from deepfake_detector.params import flatten
@@ -75,13 +83,12 @@ def cmd_evaluate(p: Params, args: argparse.Namespace) -> None:
     if (Path(args.data) / "meta.json").exists():  # a preprocessed dataset: the pipeline's stage
         metrics = stages.evaluate(p, args.data, args.model, args.out)
     else:  # any labelled folder or CSV, scored with a stored model
-        metrics = stages.evaluate_folder(p, args.data, str(args.model), args.out, args.threshold)
+        metrics = stages.evaluate_folder(p, args.data, str(args.model), args.out, args.threshold, args.root)
     version = metrics.pop("registered_version", None)
     robustness = metrics.pop("robustness", {})
-    print("test: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in flatten(metrics).items()))
+    print("test: " + ", ".join(f"{k} {figure(v)}" for k, v in flatten(metrics).items()))
     for name, row in robustness.items():
-        print(f"  {name:>14}: AUC {row['auc']:.4f}  accuracy {row['accuracy']:.4f}")
+        print(f"  {name:>14}: AUC {figure(row['auc'])}  accuracy {figure(row['accuracy'])}")
     print(f"metrics and plots in {args.out}")
     if version:
         print(f"registered {p.mlflow.model_name} version {version} as @{p.mlflow.alias}")
@@ -121,7 +128,7 @@ def cmd_run(p: Params, args: argparse.Namespace) -> None:
     cmd_preprocess(p, argparse.Namespace(raw=raw, out=processed, workers=args.workers))
     cmd_train(p, argparse.Namespace(data=processed, out=models, checkpoint_dir=None, params=args.params,
                                     overrides=args.overrides))
-    cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation, threshold=None))
+    cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation, threshold=None, root=None))
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -134,9 +141,12 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepfake", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="deepfake", description="Run one stage of the pipeline (what dvc.yaml and MLproject call), score "
+        "images with a trained model, or promote a registered one.")
     common = common_options()
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these; `deepfake COMMAND --help` lists its options")
 
     def add(name: str, func, help_: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, parents=[common], help=help_, description=help_)
@@ -144,14 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd
 
     cmd = add("download", cmd_download, "fetch the raw dataset named by data.source")
-    cmd.add_argument("--out", type=Path, default=Path("data/raw"))
+    cmd.add_argument("--out", type=Path, default=Path("data/raw"), help="where the dataset goes (default: %(default)s)")
     cmd = add("preprocess", cmd_preprocess, "validate, resize, blur and noise the raw images")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
-    cmd.add_argument("--out", type=Path, default=Path("data/processed"))
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="the downloaded dataset (default: %(default)s)")
+    cmd.add_argument("--out", type=Path, default=Path("data/processed"),
+                     help="where the preprocessed splits go (default: %(default)s)")
     cmd.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     cmd = add("train", cmd_train, "train the CNN and log the run to MLflow")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
-    cmd.add_argument("--out", type=Path, default=Path("models"))
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"),
+                     help="the preprocessed splits (default: %(default)s)")
+    cmd.add_argument("--out", type=Path, default=Path("models"),
+                     help="where model.pt and the training history go (default: %(default)s)")
     cmd.add_argument("--checkpoint-dir", type=Path, default=None,
                      help="resumable checkpoints, kept until the stage succeeds (default: OUT/.ckpt)")
     cmd = add("evaluate", cmd_evaluate, "score the model on the test split and register it, or score "
@@ -160,14 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="preprocessed data (the pipeline), or a folder with real/ and fake/, or a CSV")
     cmd.add_argument("--model", default="models", help="folder with model.pt, or an MLflow model URI "
                      "(models:/deepfake-detector@champion)")
-    cmd.add_argument("--out", type=Path, default=Path("eval"))
+    cmd.add_argument("--out", type=Path, default=Path("eval"),
+                     help="where metrics, plots and the model card go (default: %(default)s)")
     cmd.add_argument("--threshold", type=float, default=None,
                      help="for a folder or CSV: P(fake) threshold (default: the model's registered one)")
+    cmd.add_argument("--root", type=Path, default=None,
+                     help="for a CSV: the folder its paths are relative to (default: found beside the CSV: "
+                     "its own folder, real-vs-fake/ or real_vs_fake/real-vs-fake/ as in Kaggle's download)")
     cmd = add("predict", cmd_predict, "score image files and folders into a CSV")
     cmd.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     cmd.add_argument("--model", default="models:/deepfake-detector@champion",
                      help="MLflow model URI, or a folder with model.pt (default: %(default)s)")
-    cmd.add_argument("--out", type=Path, default=Path("preds.csv"))
+    cmd.add_argument("--out", type=Path, default=Path("predictions/preds.csv"),
+                     help="the CSV to write (default: %(default)s, a git-ignored folder)")
     cmd.add_argument("--threshold", type=float, default=None, help="default: the model's registered threshold")
     cmd.add_argument("--no-face-crop", action="store_true", help="score whole images, never crop the largest face")
     cmd = add("promote", cmd_promote, "move the champion alias to the challenger if it passes the gates")
@@ -175,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="promote even if a gate fails (recorded as forced)")
     cmd = add("run", cmd_run, "download, preprocess, train and evaluate in one process")
     cmd.add_argument("--root", type=Path, default=Path("."), help="where data/, models/ and eval/ go")
-    cmd.add_argument("--workers", type=int, default=None)
+    cmd.add_argument("--workers", type=int, default=None, help="preprocess's decode processes (default: all cores)")
     return parser
 
 

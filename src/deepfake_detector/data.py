@@ -2,7 +2,8 @@
 
 The 140k Real and Fake Faces layout is ``real_vs_fake/real-vs-fake/{train,valid,test}/{real,fake}``;
 copies that drop the outer folders are accepted too, since :func:`find_split_root` looks for the
-folder that holds the splits.
+folder that holds the splits. Also here: reading a labelled folder or CSV (``evaluate --data``)
+and replacing a stage's output folder only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import yaml
 
 from deepfake_detector.errors import UserError
-from deepfake_detector.params import resolve
+from deepfake_detector.params import DownloadParams, resolve
 
 SPLITS = ("train", "valid", "test")
 CLASSES = ("real", "fake")  # index = label: 0 real, 1 fake (the positive class we detect)
@@ -40,13 +43,14 @@ class DataError(UserError):
 
 
 def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60.0,
-             retries: int = 3) -> dict:
+             retries: int = 3, limits: DownloadParams = DownloadParams()) -> dict:
     """Put the dataset named by ``source`` into ``out_dir`` and return what was fetched.
 
     ``source`` is ``kaggle:OWNER/NAME``, an ``http(s)://`` URL of a zip or tar archive, a local
     folder or archive, or ``dvc:REPO[@REV]``: the ``data/raw`` that this project's pipeline
     versioned in git repository REPO at revision REV, fetched from that repository's DVC remote.
-    ``out_dir`` is replaced only once the new copy is complete.
+    ``out_dir`` is replaced only once the new copy is complete. An archive is unpacked within
+    ``limits``' max_bytes, max_entries and max_ratio (see :func:`extract_archive`).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +68,7 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
             archive = Path(tmp) / _archive_name(source)
             _fetch_url(source, archive, timeout_s, retries)
             _check_sha256(archive, sha256)
-            extract_archive(archive, staging)
+            extract_archive(archive, staging, limits)
         else:
             local = Path(resolve(str(Path(source).expanduser())))  # relative: against the project
             if not local.exists():
@@ -75,7 +79,7 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
             kind = "archive" if local.is_file() else "folder"
             if local.is_file():
                 _check_sha256(local, sha256)
-                extract_archive(local, staging)
+                extract_archive(local, staging, limits)
             else:
                 skipped_links = _copy_tree(local, staging)
         split_root = find_split_root(staging)
@@ -85,10 +89,63 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
                 "files": counts, **({"dvc": dvc_info} if kind == "dvc" else {}),
                 **({"skipped_links": skipped_links} if skipped_links else {})}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_dir(staging, out_dir)
     return info
+
+
+@contextmanager
+def replacing_dir(out: Path, outputs: Collection[str]) -> Iterator[Path]:
+    """A new folder ``<out>.tmp-<pid>`` beside ``out`` for a stage to write into; it replaces ``out``
+    once the block succeeds, so a crash leaves the previous complete outputs (or none), never a mix.
+
+    ``outputs`` are the names the stage writes: an ``out`` holding anything else (a user's folder)
+    is refused, not replaced. Siblings left by a killed run are removed first.
+    """
+    out = Path(out).resolve()  # `.` has no name; and a link's target is what gets replaced
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in outputs) if out.is_dir() else []
+    if foreign:
+        raise UserError(f"{out} holds files this stage does not write ({', '.join(foreign[:5])}), and it "
+                        "replaces the folder as a whole: choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{out.name}.tmp-"
+    for stale in out.parent.iterdir():  # a live pid's folder is a concurrent run's, not ours to delete
+        pid = stale.name.removeprefix(prefix).removesuffix(".old")
+        if stale.name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out.with_name(f"{prefix}{os.getpid()}")
+    staging.mkdir()
+    try:
+        yield staging
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the complete folder ``new`` to ``target`` (on the same file system); a previous
+    ``target`` is moved aside first and deleted only once ``new`` is in place."""
+    if target.exists():
+        old = new.with_name(f"{new.name}.old")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftover: it is not writing there now
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def pinned(source: str, sha256: str = "") -> bool:
@@ -131,30 +188,35 @@ def iter_files(folder: Path) -> Iterator[Path]:
     return (p for p in sorted(Path(folder).iterdir(), key=lambda p: p.name) if p.is_file())
 
 
-def labelled_files(path: Path) -> tuple[list[Path], np.ndarray]:
+def labelled_files(path: Path, root: Path | None = None) -> tuple[list[Path], np.ndarray]:
     """Image paths and labels (0 real, 1 fake) of a folder with ``real/`` and ``fake/``, or a CSV.
 
-    The CSV needs a ``path`` column (relative to the CSV's folder, or absolute) and a label:
-    ``label_str`` (real/fake, as in the Kaggle CSVs) or ``label`` as real/fake or 0 (real)/1 (fake).
-    Note the Kaggle CSVs' numeric ``label`` is the other way round; they also carry ``label_str``.
+    The CSV needs a ``path`` column and a label: ``label_str`` (real/fake, as in the Kaggle CSVs) or
+    ``label`` as real/fake or 0 (real)/1 (fake). Note the Kaggle CSVs' numeric ``label`` is the other
+    way round; they also carry ``label_str``. Relative paths are under ``root`` if given, else under
+    the first of :data:`CSV_ROOTS` where they are found.
     """
     path = Path(path)
     if path.is_dir():
+        if root is not None:
+            raise DataError(f"--root is for a CSV, and {path} is a folder")
         missing = [c for c in CLASSES if not (path / c).is_dir()]
         if missing:
             raise DataError(f"{path} needs real/ and fake/ subfolders (missing {', '.join(missing)})")
         pairs = [(p, label) for label, cls in enumerate(CLASSES) for p in iter_files(path / cls)]
     elif path.is_file():
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        key = "label_str" if rows and "label_str" in rows[0] else "label"
-        if not rows or "path" not in rows[0] or key not in rows[0]:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
+        key = "label_str" if "label_str" in columns else "label"
+        if "path" not in columns or key not in columns:
             raise DataError(f"{path}: a CSV needs 'path' and 'label' (or 'label_str') columns")
         names = {"real": 0, "fake": 1, "0": 0, "1": 1}
         bad = [r[key] for r in rows if r[key].strip().lower() not in names]
         if bad:
             raise DataError(f"{path}: labels must be real/fake or 0/1, got {bad[0]!r}")
-        pairs = [(path.parent / r["path"], names[r[key].strip().lower()]) for r in rows]
+        base = _csv_root(path, [r["path"] for r in rows], root)
+        pairs = [(base / r["path"], names[r[key].strip().lower()]) for r in rows]
     else:
         raise DataError(f"{path} is neither a folder with real/ and fake/ nor a CSV file")
     if not pairs:
@@ -162,14 +224,39 @@ def labelled_files(path: Path) -> tuple[list[Path], np.ndarray]:
     return [p for p, _ in pairs], np.array([label for _, label in pairs], dtype=np.int64)
 
 
-def extract_archive(archive: Path, dest: Path) -> None:
-    """Unpack a zip or tar into ``dest``, refusing links and entries that escape it."""
+# Where a CSV's relative paths may be, from its folder: its own files; faces-mini (CSVs beside
+# real-vs-fake/); Kaggle's 140k download (CSVs beside real_vs_fake/real-vs-fake/). The Kaggle
+# CSVs' paths (train/real/x.jpg) are relative to real-vs-fake/.
+CSV_ROOTS = (".", "real-vs-fake", "real_vs_fake/real-vs-fake")
+
+
+def _csv_root(csv_file: Path, paths: list[str], root: Path | None) -> Path:
+    """The folder ``paths`` of ``csv_file`` are relative to: ``root`` if given, else the first of
+    :data:`CSV_ROOTS` under which any of the first paths exists (a few missing files do not matter;
+    they are reported as unreadable)."""
+    candidates = [Path(root)] if root is not None else [csv_file.parent / c for c in CSV_ROOTS]
+    sample = paths[:50]
+    found = next((c for c in candidates if any((c / p).is_file() for p in sample)), None)
+    if found is None and sample:
+        tried = ", ".join(f"{c}/" for c in candidates)
+        raise DataError(f"{csv_file}: its paths (such as {sample[0]}) are not under {tried}; "
+                        + ("is --root right?" if root is not None else "pass --root, the folder they are relative to"))
+    return found or candidates[0]
+
+
+def extract_archive(archive: Path, dest: Path, limits: DownloadParams = DownloadParams()) -> None:
+    """Unpack a zip or tar into ``dest``, refusing links, entries that escape it and archive bombs.
+
+    Every entry is checked before anything is written, from the zip's central directory or the
+    tar's headers: no links, nothing outside ``dest``, and in all at most ``limits.max_entries``
+    entries, ``limits.max_bytes`` uncompressed bytes and ``limits.max_ratio`` times the archive's size.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, dest)
+            _extract_zip(archive, dest, limits)
         elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, dest)
+            _extract_tar(archive, dest, limits)
         else:
             raise DataError(f"{archive.name} is not a zip or tar archive")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
@@ -183,25 +270,68 @@ def _safe_target(dest: Path, member: str, archive: Path) -> Path:
     return target
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
+class _Tally:
+    """The entries and uncompressed bytes of an archive so far, refused once past ``limits``."""
+
+    def __init__(self, archive: Path, limits: DownloadParams) -> None:
+        self.archive, self.limits, self.packed = archive, limits, archive.stat().st_size
+        self.entries = self.bytes = 0
+
+    def add(self, size: int) -> None:
+        """Count one entry of ``size`` uncompressed bytes."""
+        self.entries += 1
+        self.bytes += size
+        limits = self.limits
+        if self.entries > limits.max_entries:
+            self._refuse(f"more than {limits.max_entries:,} entries", "max_entries", f"{limits.max_entries:,}")
+        if self.bytes > limits.max_bytes:
+            self._refuse(f"at least {_size(self.bytes)} uncompressed", "max_bytes", _size(limits.max_bytes))
+        # The total only grows: checked as it does, a bomb is refused at its first entries, and an
+        # archive whose whole is within the ratio never is.
+        if self.bytes > limits.max_ratio * self.packed:
+            self._refuse(f"at least {_size(self.bytes)} from a {_size(self.packed)} archive (ratio "
+                         f"{self.bytes / max(self.packed, 1):,.0f})", "max_ratio", f"{limits.max_ratio:g}")
+
+    def _refuse(self, what: str, key: str, limit: str) -> NoReturn:
+        raise DataError(f"refusing to unpack {self.archive.name}: {what} exceeds download.{key} ({limit}); "
+                        "raise it in params.yaml if this archive is trusted")
+
+
+def _size(n: float) -> str:
+    """A byte count for people: 10.5 GB, 50.0 MB, 0.3 kB."""
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= s or u == "kB")
+    return f"{n / scale:.1f} {unit}"
+
+
+def _extract_zip(archive: Path, dest: Path, limits: DownloadParams) -> None:
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
-        for info in members:  # check everything before writing anything
+        tally = _Tally(archive, limits)
+        for info in members:  # the central directory: check everything before writing anything
             _safe_target(dest, info.filename, archive)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise DataError(f"refusing to unpack {archive.name}: entry {info.filename!r} is a link")
+            tally.add(info.file_size)
+        # A header may lie, but zipfile stops each entry at its declared file_size (and then fails
+        # its CRC), so what is written stays within the sizes just checked.
         zf.extractall(dest, members)
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive) as tf:
-        members = tf.getmembers()
-        for member in members:
-            _safe_target(dest, member.name, archive)
-            if not (member.isfile() or member.isdir()):
-                raise DataError(f"refusing to unpack {archive.name}: entry {member.name!r} is a link "
-                                "or special file")
-        tf.extractall(dest, members, filter="data")
+def _extract_tar(archive: Path, dest: Path, limits: DownloadParams) -> None:
+    # Streamed, and stopped at max_entries rather than listed whole (a bomb may hold millions of
+    # entries): the first pass checks every header before anything is written; the second writes,
+    # checking again in case the file changed. A size cannot lie: the next header starts where it says.
+    for write in (False, True):
+        tally = _Tally(archive, limits)
+        with tarfile.open(archive, "r|*") as tf:
+            for member in tf:
+                _safe_target(dest, member.name, archive)
+                if not (member.isfile() or member.isdir()):
+                    raise DataError(f"refusing to unpack {archive.name}: entry {member.name!r} is a link "
+                                    "or special file")
+                tally.add(member.size)
+                if write:
+                    tf.extract(member, dest, filter="data")
 
 
 def _archive_name(url: str) -> str:
@@ -318,4 +448,5 @@ def _kaggle_download(slug: str) -> Path:
         raise DataError(
             f"cannot download Kaggle dataset {slug!r}: {exc}. Set KAGGLE_USERNAME and KAGGLE_KEY (or put "
             "kaggle.json in ~/.kaggle/) from https://www.kaggle.com/settings, or set data.source to a local "
-            "copy: dvc exp run -S data.source=/path/to/140k-real-and-fake-faces") from None
+            "copy, in params.yaml or for one run: "
+            "source .venv/bin/activate && dvc exp run -S data.source=/path/to/140k-real-and-fake-faces") from None

@@ -130,17 +130,23 @@ class Detector:
     def score_files(self, paths: list[Path], crop_faces: bool | None = None
                     ) -> tuple[np.ndarray, dict[Path, str], list[int]]:
         """P(fake) of each readable file, the reason each other file was not scored, and the indices
-        of the scored ones."""
-        images, errors, kept = [], {}, []
-        for i, path in enumerate(paths):
-            try:
-                images.append(self.prepare(Path(path).read_bytes(), crop_faces).array)
-                kept.append(i)
-            except (ValueError, OSError) as exc:
-                errors[Path(path)] = str(exc)
-        size = self.image_size
-        batch = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-        return self.predict(batch), errors, kept
+        of the scored ones.
+
+        Files are decoded and scored ``batch_size`` at a time and only the scores kept, so memory
+        stays flat however many files there are (a 100k-face set).
+        """
+        scores, errors, kept = [], {}, []
+        for start in range(0, len(paths), self.batch_size):
+            images = []
+            for i, path in enumerate(paths[start:start + self.batch_size], start):
+                try:
+                    images.append(self.prepare(Path(path).read_bytes(), crop_faces).array)
+                    kept.append(i)
+                except (ValueError, OSError) as exc:
+                    errors[Path(path)] = str(exc)
+            if images:
+                scores.append(self.predict(np.stack(images)))
+        return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), errors, kept
 
     def explain(self, array: np.ndarray) -> np.ndarray:
         """Grad-CAM of P(fake) on the last feature map before global pooling: an (S, S) map in [0, 1],

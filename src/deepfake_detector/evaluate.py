@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,9 @@ from deepfake_detector.preprocess import load_split
 from deepfake_detector.robustness import perturbations
 
 NEVER = float(np.nextafter(1.0, 2.0))  # a threshold no probability reaches: nothing is called fake
+# What an evaluation writes into its folder, the stages' model card and unreadable-file list
+# included: the folder is replaced as a whole, and one holding anything else is refused.
+OUTPUTS = ("metrics.json", "plots", DECISION_FILE, "model_card.md", "unreadable.csv")
 
 
 def choose_threshold(labels: np.ndarray, p_fake: np.ndarray, rule: str, target_fpr: float = 0.05,
@@ -130,13 +135,23 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     return result
 
 
+def _nan_to_null(value: object) -> object:
+    """``value`` (a dict or list of metrics) with NaN as None: a metric undefined for this set (an AUC
+    with one class) is ``null`` in JSON, which has no NaN."""
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.ndarray, paths: list[str],
                   params: EvaluateParams, images: np.ndarray | None = None, history: Path | None = None) -> None:
     """``metrics.json`` plus plot data (JSON/CSV for DVC) and PNGs under ``out_dir/plots``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data, pngs = out_dir / "plots", out_dir / "plots" / "images"
     pngs.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(_nan_to_null(result), indent=2, allow_nan=False) + "\n")
     threshold = result["threshold"]
     pred = (p_fake >= threshold).astype(int)
     with (data / "predictions.csv").open("w", newline="") as f:
@@ -153,9 +168,14 @@ def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.nd
     reliability = calibration(labels, p_fake, params.calibration_bins)
     robustness = [{"perturbation": k, **v} for k, v in result.get("robustness", {}).items()]
     for name, rows in (("roc", roc), ("pr", pr), ("calibration", reliability), ("robustness", robustness)):
-        (data / f"{name}.json").write_text(json.dumps({name: rows}) + "\n")
-    plots.roc(pngs / "roc.png", roc, result["roc_auc"])
-    plots.precision_recall(pngs / "precision_recall.png", pr, result["average_precision"])
+        (data / f"{name}.json").write_text(json.dumps(_nan_to_null({name: rows}), allow_nan=False) + "\n")
+    if both:
+        plots.roc(pngs / "roc.png", roc, result["roc_auc"])
+        plots.precision_recall(pngs / "precision_recall.png", pr, result["average_precision"])
+    else:
+        print(f"warning: only {CLASSES[labels[0]]} images: ROC AUC, average precision and EER are undefined "
+              "(null in metrics.json) and the ROC and precision-recall plots are skipped; they need both classes",
+              file=sys.stderr)
     plots.confusion(pngs / "confusion.png", skm.confusion_matrix(labels, pred, labels=[0, 1]), threshold)
     plots.reliability(pngs / "reliability.png", reliability, result["brier"])
     if robustness:

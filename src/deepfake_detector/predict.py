@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deepfake_detector.preprocess import decode_image, fit_image
+from deepfake_detector.preprocess import IMAGE_SUFFIXES, decode_image, fit_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_BYTES = 20 * 2**20  # uploads larger than this are refused before decoding
 MAX_PIXELS = 40_000_000  # and images with more pixels than this (decompression bombs) too
 

@@ -4,16 +4,19 @@ Output per split: ``images.npy`` (N x S x S x 3, uint8) and ``index.csv`` (sourc
 applied blur and noise). Images are decoded once here, never again per epoch; the ``.npy`` is
 written image by image with its header fixed up at the end, so memory stays flat however many
 images there are. Files that do not decode, or are too small, go to ``quarantine.csv`` with the
-reason and are counted in ``report.json``; they never stop the run.
+reason and are counted in ``report.json``; they never stop the run. The output folder is built
+beside itself and renamed into place when complete: a crash leaves the previous outputs intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import multiprocessing
 import os
+import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -24,10 +27,18 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from tqdm import tqdm
 
-from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, find_split_root, iter_files
+from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, find_split_root, iter_files, replacing_dir
 from deepfake_detector.params import PreprocessParams, to_dict
 
 NPY_HEADER_BYTES = 128  # room for any (N, S, S, 3) shape; the header is padded to this size
+OUTPUTS = ("meta.json", "quarantine.csv", *SPLITS)  # all a run writes into its output folder
+# The only formats decoded (Pillow's names), with their file suffixes. Any other format never reaches
+# its Pillow plugin: EPS would run Ghostscript, and rarely used decoders are attack surface for nothing.
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",), "GIF": (".gif",),
+    "TIFF": (".tif", ".tiff"),
+}
+IMAGE_SUFFIXES = frozenset(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
 
 
 @dataclass(frozen=True)
@@ -60,21 +71,26 @@ def degrade(image: np.ndarray, params: PreprocessParams, seed: int, key: str) ->
 
 
 def decode_image(source: Path | BinaryIO, max_pixels: int | None = None) -> tuple[Image.Image, str]:
-    """Decode a file path or binary file object to an RGB image; returns it and the source mode.
+    """Decode a file path or binary file object to an 8-bit RGB image; returns it and the source mode.
 
+    Only :data:`IMAGE_FORMATS` are opened; animated files give their first frame. 16- and 32-bit
+    integer greyscale is scaled from 0..65535 and float greyscale from [0, 1] (refused outside it),
+    CMYK and LAB are converted (LAB through LittleCMS), transparency is flattened onto black.
     Raises ``ValueError`` with a short reason for anything that is not a usable image, including
     images over ``max_pixels`` (checked from the header, before decoding) or PIL's own limit.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            with Image.open(source, formats=list(IMAGE_FORMATS)) as img:
                 if max_pixels and img.size[0] * img.size[1] > max_pixels:
                     raise Image.DecompressionBombError(f"{img.size[0]}x{img.size[1]} pixels")
                 img.load()  # a truncated or corrupt file fails here, not later
                 mode = img.mode
-                img = ImageOps.exif_transpose(img)
-                if "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info):
+                img = _to_8bit(ImageOps.exif_transpose(img))
+                if img.mode == "La":  # premultiplied alpha (TIFF): the grey is already flattened onto black
+                    img = img.getchannel("L")
+                elif img.has_transparency_data:
                     # Flatten transparency onto black rather than letting convert() keep garbage pixels.
                     rgba = img.convert("RGBA")
                     img = Image.new("RGB", rgba.size)
@@ -83,10 +99,51 @@ def decode_image(source: Path | BinaryIO, max_pixels: int | None = None) -> tupl
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError("image too large (decompression bomb guard)") from None
     except Image.UnidentifiedImageError:
-        empty = Path(source).stat().st_size == 0 if isinstance(source, (str, Path)) else not source.seek(0, 2)
-        raise ValueError("empty file" if empty else "not an image") from None
+        raise ValueError(_unidentified_reason(source)) from None
     except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
         raise ValueError(f"corrupt image: {exc}") from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Integer greyscale (I;16*, I) as "L" scaled from 0..65535 (clipped), float greyscale (F) as "L"
+    scaled from [0, 1] (ValueError outside it, NaN included); other modes unchanged.
+
+    Pillow's own convert() would clip these to 0..255 instead of scaling them.
+    """
+    if img.mode == "F":
+        x = np.asarray(img)
+        if not np.all((x >= 0) & (x <= 1)):
+            raise ValueError(f"float image outside [0, 1]: min {x.min():g}, max {x.max():g}")
+        scaled = x * 255
+    elif img.mode == "I" or img.mode.startswith("I;16"):
+        # float32 is exact enough: x * 255 / 65535 is never within 0.002 of a half.
+        scaled = np.asarray(img).clip(0, 65535).astype(np.float32) * np.float32(255 / 65535)
+    else:
+        return img
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def _unidentified_reason(source: Path | BinaryIO) -> str:
+    """Why Pillow did not open ``source``: empty, a format outside :data:`IMAGE_FORMATS` (named by
+    Pillow's signature checks, which read 16 bytes and run no decoder), or not an image at all."""
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as f:
+            head = f.read(16)
+    else:
+        source.seek(0)
+        head = source.read(16)
+    if not head:
+        return "empty file"
+    Image.init()  # every plugin's signature check; decode_image still opens IMAGE_FORMATS only
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        with contextlib.suppress(struct.error):  # DIB's check fails on files under 4 bytes
+            if accept and accept(head):
+                if name in IMAGE_FORMATS:  # its own plugin already rejected the header
+                    return "not an image"
+                # "kind: detail", like the other reasons: the report counts them by kind.
+                return f"unsupported format: {name} (allowed: {', '.join(IMAGE_FORMATS)})"
+    return "not an image"
 
 
 def fit_image(img: Image.Image, size: int, min_source_size: int) -> np.ndarray:
@@ -118,31 +175,34 @@ def _process(args: tuple[Job, PreprocessParams, int]) -> tuple[Job, np.ndarray |
 
 def run(raw_dir: Path, out_dir: Path, params: PreprocessParams, seed: int, workers: int | None = None,
         progress: bool = True) -> dict:
-    """Preprocess every split of the dataset in ``raw_dir`` into ``out_dir``; returns the report."""
+    """Preprocess every split of the dataset in ``raw_dir`` into ``out_dir``; returns the report.
+
+    Everything is written into ``<out_dir>.tmp-<pid>`` first, which replaces ``out_dir`` once complete.
+    """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     split_root = find_split_root(raw_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     report: dict = {"image_size": params.image_size, "splits": {}, "quarantined": 0}
-    with (out_dir / "quarantine.csv").open("w", newline="") as qf, \
-            multiprocessing.get_context("spawn").Pool(workers) as pool:
-        quarantine = csv.writer(qf)
-        quarantine.writerow(["path", "reason"])
-        for split in SPLITS:
-            jobs = [Job(p, p.relative_to(split_root).as_posix(), label, split in params.splits)
-                    for label, cls in enumerate(CLASSES)
-                    for i, p in enumerate(iter_files(split_root / split / cls))
-                    if not params.limit_per_class or i < params.limit_per_class]
-            results = pool.imap(_process, ((j, params, seed) for j in jobs), chunksize=32)
-            bar = tqdm(results, total=len(jobs), desc=f"preprocess {split}", disable=not progress,
-                       unit="img")
-            stats = _write_split(bar, out_dir / split, params.image_size, quarantine)
-            report["splits"][split] = stats
-            report["quarantined"] += stats["quarantined"]
-    info = raw_dir / INFO_FILE
-    meta = {"params": to_dict(params), "seed": seed, "classes": list(CLASSES),
-            "download": json.loads(info.read_text()) if info.exists() else None, **report}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with replacing_dir(out_dir, OUTPUTS) as staging:
+        with (staging / "quarantine.csv").open("w", newline="") as qf, \
+                multiprocessing.get_context("spawn").Pool(workers) as pool:
+            quarantine = csv.writer(qf)
+            quarantine.writerow(["path", "reason"])
+            for split in SPLITS:
+                jobs = [Job(p, p.relative_to(split_root).as_posix(), label, split in params.splits)
+                        for label, cls in enumerate(CLASSES)
+                        for i, p in enumerate(iter_files(split_root / split / cls))
+                        if not params.limit_per_class or i < params.limit_per_class]
+                results = pool.imap(_process, ((j, params, seed) for j in jobs), chunksize=32)
+                bar = tqdm(results, total=len(jobs), desc=f"preprocess {split}", disable=not progress,
+                           unit="img")
+                stats = _write_split(bar, staging / split, params.image_size, quarantine)
+                report["splits"][split] = stats
+                report["quarantined"] += stats["quarantined"]
+        info = raw_dir / INFO_FILE
+        meta = {"params": to_dict(params), "seed": seed, "classes": list(CLASSES),
+                "download": json.loads(info.read_text()) if info.exists() else None, **report}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 

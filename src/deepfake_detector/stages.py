@@ -6,6 +6,7 @@ so ``dvc.yaml`` and ``MLproject``) and the Kubeflow components call these same f
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -28,7 +29,8 @@ from deepfake_detector.tracking import RUN_FILE, Tracker, TrackingError, end_pen
 
 def download(p: Params, out: Path) -> dict:
     """Fetch ``data.source`` into ``out``; returns the source info and file counts."""
-    return data.download(p.data.source, Path(out), p.data.sha256, p.download.timeout_s, p.download.retries)
+    return data.download(p.data.source, Path(out), p.data.sha256, p.download.timeout_s, p.download.retries,
+                         limits=p.download)
 
 
 def preprocess(p: Params, raw: Path, out: Path, workers: int | None = None, progress: bool = False) -> dict:
@@ -111,7 +113,8 @@ def _start_train_run(p: Params, meta: dict, device) -> Tracker:
 def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: bool = True) -> dict:
     """Score the test split, log it and the model card to the training run, optionally register.
 
-    Returns the metrics, plus ``registered_version`` when a version was registered.
+    Returns the metrics, plus ``registered_version`` when a version was registered. ``out`` is
+    replaced only once complete.
     """
     model_dir, out = Path(model_dir), Path(out)
     train_run = Tracker.resume(p.mlflow, model_dir / RUN_FILE)
@@ -124,16 +127,17 @@ def evaluate(p: Params, processed: Path, model_dir: Path, out: Path, register: b
         target = train_run
         target.log_params({k: v for k, v in eval_params.items() if k not in logged})
     with target.running():
-        metrics = evaluation.run(Path(processed), model_dir / "model.pt", out, p.evaluate,
-                                 training.resolve_device("auto"), p.seed)
-        meta = json.loads((Path(processed) / "meta.json").read_text())
-        download_info = meta.get("download") or {}
-        data_info = {"source": download_info.get("source"), **run_tags(), **{
-            f"dvc_{k}": v for k, v in (download_info.get("dvc") or {}).items()},
-            "images (train/valid/test)": "/".join(str(s["images"]) for s in meta["splits"].values())}
-        card = model_card(p.mlflow.model_name, metrics, {**logged, **flatten({"evaluate": p.evaluate})},
-                          data_info, train_run.run_id)
-        (out / "model_card.md").write_text(card)
+        with data.replacing_dir(out, evaluation.OUTPUTS) as staging:
+            metrics = evaluation.run(Path(processed), model_dir / "model.pt", staging, p.evaluate,
+                                     training.resolve_device("auto"), p.seed)
+            meta = json.loads((Path(processed) / "meta.json").read_text())
+            download_info = meta.get("download") or {}
+            data_info = {"source": download_info.get("source"), **run_tags(), **{
+                f"dvc_{k}": v for k, v in (download_info.get("dvc") or {}).items()},
+                "images (train/valid/test)": "/".join(str(s["images"]) for s in meta["splits"].values())}
+            card = model_card(p.mlflow.model_name, metrics, {**logged, **flatten({"evaluate": p.evaluate})},
+                              data_info, train_run.run_id)
+            (staging / "model_card.md").write_text(card)
         target.log_metrics({f"test_{k}": v for k, v in flatten(metrics).items()})
         target.log_artifacts(out, "evaluation")
     version = register_model(p, model_dir, flatten(metrics), card, out / DECISION_FILE) if register else None
@@ -176,21 +180,29 @@ def register_model(p: Params, model_dir: Path, metrics: dict, card: str | None =
     return tracker.register(model_uri, tags, card or tracker.text_artifact("evaluation/model_card.md"))
 
 
-def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold: float | None = None) -> dict:
+def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold: float | None = None,
+                    root: Path | None = None) -> dict:
     """Score any labelled folder (``real/`` and ``fake/``) or CSV with a stored model; no tracking.
 
     ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
-    ``threshold``, else the model's own (its ``detector.json``).
+    ``threshold``, else the model's own (its ``detector.json``). A CSV's relative paths are under
+    ``root``, else found beside it (see :func:`data.labelled_files`). ``out`` is replaced only
+    once complete.
     """
-    paths, labels = data.labelled_files(Path(data_path))
+    paths, labels = data.labelled_files(Path(data_path), root)
     detector = load_detector(p, model, threshold)
-    p_fake, errors, kept = detector.score_files(paths)
-    labels = labels[kept]
-    metrics = {**evaluation.full_report(labels, p_fake, detector.threshold), "unreadable": len(errors)}
-    evaluation.write_outputs(Path(out), metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate)
-    if errors:
-        with (Path(out) / "unreadable.csv").open("w") as f:
-            f.write("path,reason\n" + "".join(f"{path},{reason}\n" for path, reason in errors.items()))
+    with data.replacing_dir(out, evaluation.OUTPUTS) as staging:  # entered first: a refused --out fails fast
+        p_fake, errors, kept = detector.score_files(paths)
+        if not kept:
+            first, reason = next(iter(errors.items()))
+            raise data.DataError(f"none of the {len(paths)} images of {data_path} could be read ({first}: "
+                                 f"{reason}): nothing to evaluate")
+        labels = labels[kept]
+        metrics = {**evaluation.full_report(labels, p_fake, detector.threshold), "unreadable": len(errors)}
+        evaluation.write_outputs(staging, metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate)
+        if errors:
+            with (staging / "unreadable.csv").open("w", newline="") as f:
+                csv.writer(f).writerows([("path", "reason"), *errors.items()])
     return metrics
 
 
@@ -236,8 +248,6 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
 
     Unreadable files get their reason in ``error`` and are counted; they do not stop the run.
     """
-    import csv
-
     from tqdm import tqdm
 
     from deepfake_detector.predict import iter_images
