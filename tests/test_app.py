@@ -56,3 +56,43 @@ def test_no_model_is_a_clear_message(monkeypatch, tmp_path):
     at.run()
     assert not at.exception
     assert any("No model to answer with" in e.value for e in at.error)
+
+
+def test_hostile_uploads_are_refused_or_scored_like_everywhere_else(monkeypatch, tmp_path, synthetic_model):
+    """EPS (never parsed), an image under the model's min_source_size, and a 16-bit PNG: the app
+    answers as the Detector does for predict, serving and evaluate --data."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from deepfake_detector.detector import Decision, Detector
+
+    model = tmp_path / "model"
+    shutil.copytree(synthetic_model, model)
+    Decision(min_source_size=16).write(model / "detector.json")  # as evaluate records preprocess's rule
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DEEPFAKE_MODEL_PATH", str(model))
+    monkeypatch.setenv("DEEPFAKE_SAMPLES", str(tmp_path / "no-samples"))
+    app = streamlit_testing.AppTest.from_file(APP, default_timeout=120)
+    app.run()
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    eps = io.BytesIO()
+    synthetic_face(1, 0, 64).save(eps, format="EPS")
+    for name, data, reason in [("drawing.png", eps.getvalue(), "unsupported format: EPS"),  # the suffix lies
+                               ("tiny.png", png(synthetic_face(1, 1, 8)), "too small: 8x8")]:
+        app.file_uploader[0].upload(name, data, "image/png").run()
+        assert not app.exception, app.exception
+        assert any(name in e.value and reason in e.value for e in app.error), [e.value for e in app.error]
+    grey16 = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    app.file_uploader[0].upload("deep.png", png(Image.fromarray(grey16)), "image/png").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    detector = Detector.load(str(model))
+    grey8 = np.rint(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    expected = float(detector.predict(detector.prepare(png(Image.fromarray(grey8))).array[None])[0])
+    assert f"P(fake) {expected:.3f}" in page_text(app)
