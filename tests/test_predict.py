@@ -138,7 +138,7 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts (./mlruns) land here
     params = MlflowParams(tracking_uri=uri)
     tracker = Tracker.start(params, "serve-test", {}, {})
-    Decision(threshold=0.3, rule="fixed").write(tmp_path / "detector.json")
+    Decision(threshold=0.3, rule="fixed", min_source_size=16).write(tmp_path / "detector.json")
     with tracker.running():
         model_uri = tracker.log_model(model_dir / "model.pt", tmp_path / "detector.json",
                                       png_bytes(synthetic_face(0, 0, 32)))
@@ -163,8 +163,9 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
                               stderr=(tmp_path / "serve.log").open("w"))
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
-        rows = [[base64.b64encode(face.read_bytes()).decode()], ["not base64!"],
-                [base64.b64encode(b"just some text").decode()]]
+        tiny, bomb = png_bytes(synthetic_face(1, 0, 8)), png_bytes(Image.new("L", (7000, 7000)))  # 49 MP
+        rows = [[base64.b64encode(data).decode()] for data in (face.read_bytes(), tiny, bomb)]
+        rows += [["not base64!"], [base64.b64encode(b"just some text").decode()]]
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
                                          headers={"Content-Type": "application/json"})
@@ -172,12 +173,14 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
     finally:
         server.terminate()
         server.wait(timeout=30)
-    served, no_base64, text = answer["predictions"]
+    served, too_small, too_large, no_base64, text = answer["predictions"]
     assert served["p_fake"] == pytest.approx(float(expected[0]), abs=1e-6)
     assert served["label"] == detector.label(float(expected[0])) and served["error"] == ""
     # A bad row gets its reason, not a stack trace, and does not cost the good row its score.
     assert no_base64["label"] == "" and no_base64["error"] and "Traceback" not in no_base64["error"]
     assert text["error"] == "not an image"
+    assert too_small["error"].startswith("too small: 8x8") and too_small["label"] == ""
+    assert "too large" in too_large["error"] and too_large["label"] == ""
 
 
 SERVE_PATH = """
