@@ -221,3 +221,12 @@ def test_serving_requirements_are_what_serving_imports(tmp_path, model_dir):
     distributions = packages_distributions()
     needed = {dist.lower() for module in third_party for dist in distributions[module]}
     assert needed == set(SERVING_REQUIREMENTS)
+
+
+def test_folder_scan_does_not_follow_a_link_loop(tmp_path):
+    from deepfake_detector.predict import iter_images
+
+    (tmp_path / "faces" / "sub").mkdir(parents=True)
+    synthetic_face(1, 0, 32).save(tmp_path / "faces" / "sub" / "a.png")
+    (tmp_path / "faces" / "sub" / "loop").symlink_to(tmp_path / "faces", target_is_directory=True)
+    assert list(iter_images([tmp_path / "faces"])) == [tmp_path / "faces" / "sub" / "a.png"]
