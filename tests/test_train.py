@@ -19,7 +19,7 @@ MODEL = ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_b
 
 def test_fit_learns_and_reports_each_epoch(tmp_path, synthetic_processed):
     seen = []
-    params = TrainParams(epochs=8, batch_size=16, lr=3e-3, augment=FLIPS_ONLY)
+    params = TrainParams(epochs=8, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=FLIPS_ONLY)
     summary = train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cpu"), seed=0,
                         on_epoch=lambda e, m: seen.append((e, m)), progress=False)
     assert [e for e, _ in seen] == list(range(1, 9))

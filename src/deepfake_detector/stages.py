@@ -81,6 +81,12 @@ def _train(p: Params, processed: Path, out: Path, checkpoint_dir: Path, world: d
                                 | {"data.quarantined": meta["quarantined"]})
         metrics = tracker.metric_log()
         on_epoch = (lambda epoch, values: metrics.add(values, step=epoch)) if metrics else None
+        if metrics and resume:
+            # Epochs of the checkpoint whose metrics were still queued when the process died (kill -9).
+            sent = tracker.logged_steps("valid_auc")
+            for row in resume["history"]:
+                if row["epoch"] not in sent:
+                    on_epoch(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
         summary = fit(on_epoch=on_epoch, extra_state={"run_id": tracker.run_id})
         if metrics:
             metrics.add({k: v for k, v in summary.items() if isinstance(v, (int, float))})

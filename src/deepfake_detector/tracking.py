@@ -150,6 +150,13 @@ class Tracker:
         """A background sender for this run's metrics (None when tracking is off)."""
         return MetricLog(self.run_id) if self.active else None
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric ``key`` reached this run (empty when tracking is off)."""
+        if not self.active:
+            return set()
+        with _errors(f"read metric {key}"):
+            return {m.step for m in MlflowClient().get_metric_history(self.run_id, key)}
+
     def log_params(self, values: dict[str, Any]) -> None:
         if self.active:
             with _errors("log params"):

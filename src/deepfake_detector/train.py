@@ -149,6 +149,7 @@ class Trainer:
     def __init__(self, model: nn.Module, params: TrainParams, device: torch.device, seed: int, world: World,
                  steps_per_epoch: int) -> None:
         self.params, self.device, self.world = params, device, world
+        self.steps_per_epoch = steps_per_epoch
         self.model = model.to(device)
         if params.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -246,7 +247,10 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         while trainer.position.epoch <= params.epochs:
             epoch = trainer.position.epoch
             started = time.perf_counter()
-            lr = trainer.optimizer.param_groups[0]["lr"]
+            # The schedule's rate at the epoch's first step, not the optimizer's now: a run resumed
+            # mid-epoch logs what an uninterrupted one does.
+            lr = params.lr * lr_factor(params, trainer.steps_per_epoch * params.epochs,
+                                       (epoch - 1) * trainer.steps_per_epoch)
             finished = train_one_epoch(trainer, net, train_data, stop, progress)
             if not finished:
                 trainer.seconds += time.perf_counter() - started
