@@ -181,3 +181,30 @@ def test_scoring_holds_one_batch_of_decoded_images_at_a_time(tmp_path, model_dir
     whole.batch_size = len(files)
     expected, expected_errors, expected_kept = whole.score_files(files)
     assert kept == expected_kept and errors == expected_errors and np.allclose(p_fake, expected, atol=1e-6)
+
+
+def test_hostile_files_are_reported_or_scored_like_predict(tmp_path, model_dir):
+    """EPS, an image under the model's min_source_size and a 16-bit PNG in a labelled folder: the first
+    two listed in unreadable.csv with predict's reasons, the third scored like its 8-bit twin."""
+    from PIL import Image
+
+    from deepfake_detector.detector import Decision
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    Decision(min_source_size=16).write(model / "detector.json")
+    data = labelled_folder(tmp_path / "set")
+    synthetic_face(1, 1, 64).save(data / "fake" / "drawing.png", format="EPS")  # the suffix lies
+    synthetic_face(1, 2, 8).save(data / "fake" / "tiny.png")
+    grey16 = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(grey16).save(data / "real" / "deep.png")
+    Image.fromarray(np.rint(grey16 * (255 / 65535)).astype(np.uint8)).save(tmp_path / "deep8.png")
+    result = evaluate(data, model, tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "eval" / "unreadable.csv").open() as f:
+        reasons = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert reasons["drawing.png"].startswith("unsupported format: EPS") and reasons["tiny.png"].startswith("too small")
+    with (tmp_path / "eval" / "plots" / "predictions.csv").open() as f:
+        scored = {Path(r["path"]).name: float(r["p_fake"]) for r in csv.DictReader(f)}
+    expected, _, _ = Detector.load(str(model)).score_files([tmp_path / "deep8.png"])
+    assert scored["deep.png"] == pytest.approx(float(expected[0]), abs=1e-4)
