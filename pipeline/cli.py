@@ -22,18 +22,6 @@ from deepfake_detector.params import Params, flatten, with_overrides
 # pipeline.pipeline (kfp) is imported inside the functions, so that main can say what is missing.
 PROG = "deepfake-pipeline"
 PACKAGE = Path("build/pipeline.yaml")  # build/ is git-ignored: a compiled spec is not source
-# `compile`'s help for each ClusterOptions field (a new field without one is a KeyError in build_parser).
-CLUSTER_HELP = {
-    "image": "project image every step runs on",
-    "mlflow_secret": "Kubernetes secret holding MLFLOW_TRACKING_URI and any credentials",
-    "accelerator_type": "accelerator resource the train step requests",
-    "accelerator_limit": "accelerators for train, one torchrun process each; 0 trains on CPU",
-    "train_cpu": "CPUs the train step requests",
-    "train_memory": "memory the train step requests",
-    "download_retries": "retries of a failed download step",
-    "train_retries": "retries of a failed train pod, resumed from --checkpoint-pvc if set",
-    "checkpoint_pvc": "existing PersistentVolumeClaim for resumable checkpoints",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", type=Path, default=PACKAGE, help="where the spec goes (default: %(default)s)")
     for f in fields(ClusterOptions):
         compile_.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                              help=f"{CLUSTER_HELP[f.name]} (default: {f.default if f.default != '' else 'none'})")
+                              help=f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})")
     compile_.set_defaults(func=cmd_compile)
 
     submit_help = "submit a compiled pipeline to a Kubeflow Pipelines endpoint"

@@ -7,7 +7,7 @@ same knobs as ``dvc exp run -S``. Each step gets only its stage's params
 """
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfp import dsl, kubernetes
@@ -27,19 +27,24 @@ CHECKPOINT_MOUNT = "/checkpoints"
 CHECKPOINT_DIR = f"{CHECKPOINT_MOUNT}/deepfake-detector"
 
 
+def _option(default, help_: str):
+    """A ClusterOptions field whose help text `deepfake-pipeline compile --help` shows."""
+    return field(default=default, metadata={"help": help_})
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """What the cluster gives each step; compile-time, not pipeline parameters."""
 
-    image: str = "ghcr.io/deepfake-detector/deepfake-detector:latest"
-    mlflow_secret: str = "mlflow"  # Kubernetes secret holding MLFLOW_TRACKING_URI (+ credentials)
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_limit: int = 1  # also torchrun's processes per node; 0 trains on CPU, one process
-    train_cpu: str = "4"
-    train_memory: str = "16G"
-    download_retries: int = 3
-    train_retries: int = 2  # e.g. a preempted node; with checkpoint_pvc the retry resumes
-    checkpoint_pvc: str = ""  # existing PersistentVolumeClaim for resumable checkpoints; "" for none
+    image: str = _option("ghcr.io/deepfake-detector/deepfake-detector:latest", "project image every step runs on")
+    mlflow_secret: str = _option("mlflow", "Kubernetes secret holding MLFLOW_TRACKING_URI and any credentials")
+    accelerator_type: str = _option("nvidia.com/gpu", "accelerator resource the train step requests")
+    accelerator_limit: int = _option(1, "accelerators for train, one torchrun process each; 0 trains on CPU")
+    train_cpu: str = _option("4", "CPUs the train step requests")
+    train_memory: str = _option("16G", "memory the train step requests")
+    download_retries: int = _option(3, "retries of a failed download step")
+    train_retries: int = _option(2, "retries of a failed train pod, resumed from --checkpoint-pvc if set")
+    checkpoint_pvc: str = _option("", "existing PersistentVolumeClaim for resumable checkpoints")
 
 
 def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
