@@ -57,7 +57,8 @@ def test_blur_and_noise_do_what_they_say():
 
 
 def test_rerun_is_byte_identical_and_only_train_is_degraded(tmp_path, dataset):
-    params = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(1.0, (0.5, 1.0)))
+    params = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(1.0, (0.5, 1.0)),
+                              noise=NoiseParams(0.5, (1.0, 8.0)))
     preprocess.run(dataset, tmp_path / "a", params, seed=7, workers=2, progress=False)
     preprocess.run(dataset, tmp_path / "b", params, seed=7, workers=1, progress=False)
     assert digest_tree(tmp_path / "a") == digest_tree(tmp_path / "b")
