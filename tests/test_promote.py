@@ -87,7 +87,8 @@ def test_promotion_moves_champion_only_through_the_gates(server, client):
     # 3. A dry run reports but changes nothing.
     v3 = challenger(client, auc=0.96, worst_robust_auc=0.90)
     result = promote(server, "--dry-run")
-    assert result.returncode == 0 and "dry run, nothing changed" in result.stdout
+    assert result.returncode == 0
+    assert f"dry run, nothing changed: {NAME} version {v3} would become @champion" in result.stdout
     assert champion(client) == v1 and "promotion.decision" not in client.get_model_version(NAME, v3).tags
 
     # 4. Too fragile under perturbations: rejected even though its clean AUC is the best.

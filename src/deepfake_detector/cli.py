@@ -101,8 +101,9 @@ def cmd_promote(p: Params, args: argparse.Namespace) -> None:
     for reason in result["reasons"]:
         print(f"  {reason}")
     target = f"{p.mlflow.model_name} version {result['version']}"
-    verdict = {"promoted": f"{target} is now @{p.promote.alias}",
-               "forced": f"{target} is now @{p.promote.alias} (forced past failed gates)",
+    becomes = "would become" if result.get("dry_run") else "is now"
+    verdict = {"promoted": f"{target} {becomes} @{p.promote.alias}",
+               "forced": f"{target} {becomes} @{p.promote.alias} (forced past failed gates)",
                "rejected": f"{target} stays @{p.mlflow.alias}; @{p.promote.alias} unchanged",
                "unchanged": f"{target} is already @{p.promote.alias}"}[result["decision"]]
     print(("dry run, nothing changed: " if result.get("dry_run") else "") + verdict)
