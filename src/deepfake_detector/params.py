@@ -51,13 +51,13 @@ class DownloadParams:
 
 @dataclass(frozen=True)
 class BlurParams:
-    prob: float = 0.2
+    prob: float = 0.0
     sigma: tuple[float, float] = (0.1, 1.5)
 
 
 @dataclass(frozen=True)
 class NoiseParams:
-    prob: float = 0.2
+    prob: float = 0.0
     sigma: tuple[float, float] = (1.0, 8.0)  # std of Gaussian noise, in 0-255 pixel units
 
 
@@ -69,8 +69,8 @@ class PreprocessParams:
     splits: tuple[str, ...] = ("train",)  # splits that get blur and noise
     # Off by default: without them valid AUC and accuracy were higher for each of three seeds (the
     # README's Experiments); set a prob (e.g. 0.2) to train on degraded copies as well.
-    blur: BlurParams = field(default_factory=lambda: BlurParams(prob=0.0))
-    noise: NoiseParams = field(default_factory=lambda: NoiseParams(prob=0.0))
+    blur: BlurParams = field(default_factory=BlurParams)
+    noise: NoiseParams = field(default_factory=NoiseParams)
 
 
 ARCHS = ("cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
@@ -97,7 +97,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class JpegParams:
-    prob: float = 0.2
+    prob: float = 0.0
     quality: tuple[float, float] = (50.0, 95.0)  # JPEG quality range
 
 
@@ -108,9 +108,9 @@ class AugmentParams:
     hflip: float = 0.5  # probability of a horizontal flip; faces are left-right symmetric
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area share range; [1, 1] turns it off
     # Online blur, noise and JPEG are off by default (the README's ablation); preprocess keeps its own.
-    blur: BlurParams = field(default_factory=lambda: BlurParams(prob=0.0))
-    noise: NoiseParams = field(default_factory=lambda: NoiseParams(prob=0.0))
-    jpeg: JpegParams = field(default_factory=lambda: JpegParams(prob=0.0))
+    blur: BlurParams = field(default_factory=BlurParams)
+    noise: NoiseParams = field(default_factory=NoiseParams)
+    jpeg: JpegParams = field(default_factory=JpegParams)
 
 
 @dataclass(frozen=True)
