@@ -227,7 +227,7 @@ def test_torchrun_two_processes_train_once_with_one_run(processed, tmp_path):
     # The valid metrics gathered over both ranks are those of one process scoring every image once.
     model, ckpt = load(out / "model.pt")
     images, labels = load_split(processed, "valid")
-    p_fake = validate(model, Batches(images, labels, torch.device("cpu"), False), 32, None, SINGLE)
+    p_fake = validate(model, Batches(images, labels, torch.device("cpu"), False), 32, SINGLE)
     single = compute_metrics(labels, p_fake)
     best = rows[ckpt["epoch"] - 1]
     assert float(best["valid_auc"]) == pytest.approx(single["roc_auc"], abs=1e-6)

@@ -71,6 +71,19 @@ def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.values(), b.values()))
 
 
+def test_amp_on_cpu_runs_in_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path, synthetic_processed):
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert train.autocast_dtype(torch.device("cpu"), False) is None
+    assert train.autocast_dtype(torch.device("cpu"), True) == (torch.bfloat16 if native else None)
+    for amp in (True, False):
+        params = TrainParams(epochs=1, batch_size=16, amp=amp)
+        summary = train.fit(synthetic_processed, tmp_path / str(amp), MODEL, params, torch.device("cpu"), seed=0,
+                            progress=False)
+        assert summary["precision"] == ("bfloat16" if amp and native else "float32")
+    # bf16 autocast really ran: the same seed gives other weights than fp32 does.
+    assert same(weights(tmp_path / "True" / "model.pt"), weights(tmp_path / "False" / "model.pt")) is not native
+
+
 def test_resident_and_prefetched_data_give_the_same_weights(tmp_path, synthetic_processed):
     for setting in ("true", "false"):
         params = TrainParams(epochs=2, batch_size=16, data_on_device=setting)
@@ -166,5 +179,5 @@ def test_validation_never_augments(tmp_path, synthetic_processed):
               seed=0, progress=False)
     model, ckpt = load_checkpoint(tmp_path / "model.pt")
     images, labels = load_split(synthetic_processed, "valid")
-    p_fake = train.validate(model, Batches(images, labels, torch.device("cpu"), False), 32, None, SINGLE)
+    p_fake = train.validate(model, Batches(images, labels, torch.device("cpu"), False), 32, SINGLE)
     assert ckpt["valid"]["roc_auc"] == pytest.approx(compute_metrics(labels, p_fake)["roc_auc"], abs=1e-9)

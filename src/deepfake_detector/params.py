@@ -122,7 +122,7 @@ class TrainParams:
     label_smoothing: float = 0.1  # cross-entropy towards (1 - e, e) instead of one-hot targets
     warmup_epochs: float = 1.0  # linear learning-rate warm-up from 0, then the schedule
     device: str = "auto"  # auto (every CUDA device, else CPU) | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
+    amp: bool = True  # mixed precision: bf16 on GPUs and CPUs that support it, fp16 + loss scaling on older GPUs
     augment: AugmentParams = field(default_factory=AugmentParams)
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
     scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant

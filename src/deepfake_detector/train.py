@@ -84,10 +84,16 @@ def lr_factor(params: TrainParams, total_steps: int, step: int) -> float:
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), fp16 on older GPUs, none on CPU."""
-    if not amp or device.type != "cuda":
+    """bf16 where the GPU supports it (no loss scaling needed), fp16 on older GPUs; on a CPU, bf16
+    only where it has native bf16 instructions (AVX512-BF16 or AMX), else none: oneDNN emulates bf16
+    on other CPUs, slower than fp32."""
+    if not amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
 
 
 class StopRequest(threading.Event):
@@ -260,8 +266,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                 raise Stopped(stop.signum)
             sums = _reduce_sums(trainer.position.sums, world)
             distributed.sync_buffers(trainer.model, world)
-            valid = compute_metrics(valid_y, validate(trainer.model, valid_data, params.batch_size * 2,
-                                                      trainer.dtype, world, params.channels_last))
+            valid = compute_metrics(valid_y, validate(trainer.model, valid_data, params.batch_size * 2, world,
+                                                      params.channels_last))
             trainer.seconds += time.perf_counter() - started
             row = {"epoch": epoch, "train_loss": sums["loss_sum"] / sums["seen"],
                    "train_accuracy": sums["correct"] / sums["seen"], "valid_loss": valid["log_loss"],
@@ -288,7 +294,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     summary = {"best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
                "best_valid_accuracy": best["valid_accuracy"], "best_valid_auc": best["valid_auc"],
                "train_seconds": trainer.seconds, "device": str(device), "processes": world.size,
-               "data_on_device": resident}
+               "data_on_device": resident, "precision": str(trainer.dtype or torch.float32).removeprefix("torch.")}
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
@@ -372,18 +378,17 @@ def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 @torch.no_grad()
-def validate(model: nn.Module, data: Batches, batch_size: int, dtype: torch.dtype | None, world: World,
-             channels_last: bool = True) -> np.ndarray:
-    """P(fake) of every image of ``data``, in order. Under DDP each rank scores every
-    ``world.size``-th image and all gather, so the result equals one process's (no padding)."""
+def validate(model: nn.Module, data: Batches, batch_size: int, world: World, channels_last: bool = True) -> np.ndarray:
+    """P(fake) of every image of ``data``, in order, in full precision (as torchvision's references
+    evaluate, and as the evaluate stage scores): the figures that pick the best epoch are those it
+    reproduces. Under DDP each rank scores every ``world.size``-th image and all gather, so the
+    result equals one process's (no padding)."""
     model.eval()
     mine = torch.arange(world.rank, len(data), world.size)
     out = []
     for x, _ in data.iterate([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]):
         x = to_input(x).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1])
+        out.append(torch.softmax(model(x).float(), dim=1)[:, 1])
     p_fake = torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
     if not world.distributed:
         return p_fake
