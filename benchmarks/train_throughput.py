@@ -1,13 +1,14 @@
 """Training throughput: does the data path keep the model busy?
 
 For each device (the CPU, and CUDA when present), model (our CNN and torchvision's resnet18) and
-setting (on CUDA: bf16 autocast and torch.compile on and off) it times training steps three ways,
-in one process so the figures are comparable:
+setting (bf16 autocast on and off where the device has it; on CUDA torch.compile on and off) it
+times training steps three ways, in one process so the figures are comparable:
 
 - ``real``: the training loop's own path: a memory-mapped uint8 split (written to a temporary
   ``images.npy`` like preprocess writes) through :class:`deepfake_detector.batches.Batches`
   (resident on the GPU when it fits, else prefetched), converted to float on the device;
-- ``real+aug``: the same plus the random flips;
+- ``real+aug``: the same plus online augmentation (flips, crops, and blur, noise and JPEG on a
+  fifth of the images each);
 - ``synthetic``: the same model and step on one fixed device-resident float batch of the dtype and
   layout the real path hands the model, so no data movement at all.
 
@@ -37,8 +38,12 @@ from deepfake_detector.batches import Batches, resident_choice  # noqa: E402
 from deepfake_detector.distributed import SINGLE  # noqa: E402
 from deepfake_detector.model import build_model  # noqa: E402
 from deepfake_detector.augment import draw  # noqa: E402
-from deepfake_detector.params import ModelParams, TrainParams  # noqa: E402
-from deepfake_detector.train import Trainer, epoch_batches, prepare_batch, train_step  # noqa: E402
+from deepfake_detector.params import (AugmentParams, BlurParams, JpegParams, ModelParams, NoiseParams,  # noqa: E402
+                                      TrainParams)
+from deepfake_detector.train import Trainer, autocast_dtype, epoch_batches, prepare_batch, train_step  # noqa: E402
+
+# Every kind of augmentation, each on a fifth of the images (the defaults keep blur, noise and JPEG off).
+AUGMENT = AugmentParams(blur=BlurParams(prob=0.2), noise=NoiseParams(prob=0.2), jpeg=JpegParams(prob=0.2))
 
 
 def build(arch: str, size: int) -> nn.Module:
@@ -64,13 +69,13 @@ def timed(trainer: Trainer, net: nn.Module, batches, plan: dict | None, images: 
 
 def measure(arch: str, device: torch.device, amp: bool, compile_: bool, images: np.ndarray,
             labels: np.ndarray, batch_size: int, warmup: int, repeats: int) -> dict:
-    params = TrainParams(batch_size=batch_size, amp=amp, compile=compile_)
+    params = TrainParams(batch_size=batch_size, amp=amp, compile=compile_, augment=AUGMENT)
     order = torch.randperm(len(images))
     batches = epoch_batches(order, batch_size, SINGLE)
     trainer = Trainer(build(arch, images.shape[1]), params, device, seed=0, world=SINGLE, steps_per_epoch=len(batches))
     net = torch.compile(trainer.model) if compile_ else trainer.model
     data = Batches(images, labels, device, resident_choice("auto", images.nbytes, device))
-    plan = draw(params.augment, len(images), trainer.generator)  # the defaults: every kind of augmentation
+    plan = draw(params.augment, len(images), trainer.generator)
 
     def real(augmented: bool):
         reads = data.iterate(batches, jpeg_quality=plan["jpeg"] if augmented else None)
@@ -124,7 +129,9 @@ def main() -> None:
             images = np.load(path, mmap_mode="r")
             labels = rng.integers(0, 2, args.images)
             for device in devices:
-                settings = [(False, False)] if device.type == "cpu" else [(a, c) for a in (True, False) for c in (False, True)]
+                # bf16 autocast on and off (on a CPU only where it has bf16 instructions); compile on CUDA only.
+                amps = (True, False) if autocast_dtype(device, True) else (False,)
+                settings = [(a, c) for a in amps for c in ((False,) if device.type == "cpu" else (False, True))]
                 for arch in args.archs:
                     for amp, compile_ in settings:
                         r = measure(arch, device, amp, compile_, images, labels, args.batch_size, args.warmup,

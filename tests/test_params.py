@@ -34,6 +34,7 @@ def test_unknown_key_is_named(tmp_path):
     ("epochs", True, r"train\.epochs must be int"),
     ("amp", "maybe", r"train\.amp must be bool"),
     ("monitor", "f1", r"train\.monitor must be"),
+    ("ema_epochs", -1.0, r"train\.ema_epochs must be 0 \(off\) or more"),
 ])
 def test_mistyped_value_is_named(tmp_path, key, value, message):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -19,8 +19,10 @@ from deepfake_detector.model import load_checkpoint
 
 EPOCHS = 3
 # Big enough that an epoch takes a noticeable time (a signal lands inside a run), small enough for CI.
-SMALL = ["-S", "model.arch=cnn", "-S", "model.pretrained=none", "-S", "model.channels=[16,32,64]", "-S", "model.hidden=16", "-S", f"train.epochs={EPOCHS}",
-         "-S", "train.batch_size=16", "-S", "train.lr=0.003", "-S", "train.device=cpu", "-S", "seed=7"]
+# With a moving average of the weights, so that its state is resumed and gathered too.
+SMALL = ["-S", "model.arch=cnn", "-S", "model.pretrained=none", "-S", "model.channels=[16,32,64]", "-S", "model.hidden=16",
+         "-S", f"train.epochs={EPOCHS}", "-S", "train.batch_size=16", "-S", "train.lr=0.003", "-S", "train.device=cpu",
+         "-S", "train.ema_epochs=1", "-S", "seed=7"]
 
 
 @pytest.fixture(scope="module")

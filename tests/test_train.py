@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -112,6 +113,28 @@ def test_torn_checkpoint_falls_back_to_the_one_before(tmp_path, synthetic_proces
     assert same(weights(tmp_path / "resumed" / "model.pt"), weights(tmp_path / "full" / "model.pt"))
     assert CheckpointStore(tmp_path / "ckpt", key="other").latest(log=said.append) is None
     assert "other train params or data" in said[-1]
+
+
+def test_weight_average_is_what_is_validated_and_saved(tmp_path, synthetic_processed):
+    from deepfake_detector.batches import Batches
+    from deepfake_detector.checkpoint import CheckpointStore
+    from deepfake_detector.distributed import SINGLE
+    from deepfake_detector.evaluate import compute_metrics
+    from deepfake_detector.preprocess import load_split
+
+    assert train.ema_decay(2.0, 10) ** 20 == pytest.approx(math.exp(-1))  # time constant: 2 epochs of 10 steps
+    params = TrainParams(epochs=1, batch_size=8, warmup_epochs=0.0, ema_epochs=1.0)
+    store = CheckpointStore(tmp_path / "ckpt", key="k")
+    train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cpu"), seed=0, progress=False, store=store)
+    state = store.latest(log=print)
+    average = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    saved = weights(tmp_path / "model.pt")
+    assert same(saved, average) and not same(saved, state["model"])
+    # The epoch's valid figures are the average's.
+    model, _ = load_checkpoint(tmp_path / "model.pt")
+    images, labels = load_split(synthetic_processed, "valid")
+    p_fake = train.validate(model, Batches(images, labels, torch.device("cpu"), False), 32, SINGLE)
+    assert state["history"][0]["valid_loss"] == pytest.approx(compute_metrics(labels, p_fake)["log_loss"], abs=1e-9)
 
 
 def test_ddp_batches_split_each_global_batch_without_duplicates():

@@ -122,6 +122,9 @@ class TrainParams:
     label_smoothing: float = 0.1  # cross-entropy towards (1 - e, e) instead of one-hot targets
     warmup_epochs: float = 1.0  # linear learning-rate warm-up from 0, then the schedule
     device: str = "auto"  # auto (every CUDA device, else CPU) | cpu | cuda | cuda:N
+    # An exponential moving average of the weights (torchvision's --model-ema), its time constant in
+    # epochs; 0 = off. Validation, the best checkpoint and the saved model then use the average.
+    ema_epochs: float = 0.0
     amp: bool = True  # mixed precision: bf16 on GPUs and CPUs that support it, fp16 + loss scaling on older GPUs
     augment: AugmentParams = field(default_factory=AugmentParams)
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
@@ -137,6 +140,8 @@ class TrainParams:
             raise ParamsError(f"train.monitor must be auc, accuracy or loss, got {self.monitor!r}")
         if self.scheduler not in ("cosine", "constant"):
             raise ParamsError(f"train.scheduler must be cosine or constant, got {self.scheduler!r}")
+        if self.ema_epochs < 0:
+            raise ParamsError(f"train.ema_epochs must be 0 (off) or more, got {self.ema_epochs}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ParamsError("train.epochs and train.batch_size must be at least 1")
 

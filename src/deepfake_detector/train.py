@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from deepfake_detector import augment, distributed
@@ -81,6 +82,12 @@ def lr_factor(params: TrainParams, total_steps: int, step: int) -> float:
     if params.scheduler == "constant":
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def ema_decay(time_constant_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay of a moving average whose time constant is that many epochs: the same
+    average whatever the dataset and batch size."""
+    return math.exp(-1.0 / (time_constant_epochs * steps_per_epoch))
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -166,6 +173,11 @@ class Trainer:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=params.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, params, steps_per_epoch * params.epochs))
+        self.warmup_steps = round(params.warmup_epochs * steps_per_epoch)
+        # Buffers too (BatchNorm statistics), as torchvision's references average them.
+        self.ema = None if params.ema_epochs == 0 else AveragedModel(
+            self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay(params.ema_epochs, steps_per_epoch)),
+            use_buffers=True)
         self.dtype = autocast_dtype(device, params.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
@@ -175,12 +187,26 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0  # training time before this process, from the checkpoint
 
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated and saved: the moving average if there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+    def update_ema(self) -> None:
+        """After an optimiser step: the average follows the weights through the warm-up (whose
+        early weights are no use to average, as torchvision restarts it), then averages them."""
+        if self.ema is not None:
+            if self.scheduler.last_epoch <= self.warmup_steps:
+                self.ema.n_averaged.zero_()  # the next update copies the weights
+            self.ema.update_parameters(self.model)
+
     def state(self) -> dict[str, Any]:
         """The checkpoint: everything needed to go on exactly where training stands."""
         rng = distributed.gather(_local_rng(self.device), self.world)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(), "rng": rng,
+                "ema": None if self.ema is None else self.ema.state_dict(),
                 "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
                 "position": {"epoch": self.position.epoch, "step": self.position.step,
                              "order": self.position.order, "plan": self.position.plan,
@@ -193,6 +219,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         # Saved by a run with the same number of processes: each rank gets its own streams back.
         rng = state["rng"][self.world.rank] if len(state["rng"]) == self.world.size else state["rng"][0]
@@ -265,8 +293,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                     store.save({**state, **extra}, epoch, trainer.position.step)
                 raise Stopped(stop.signum)
             sums = _reduce_sums(trainer.position.sums, world)
-            distributed.sync_buffers(trainer.model, world)
-            valid = compute_metrics(valid_y, validate(trainer.model, valid_data, params.batch_size * 2, world,
+            distributed.sync_buffers(trainer.evaluated, world)
+            valid = compute_metrics(valid_y, validate(trainer.evaluated, valid_data, params.batch_size * 2, world,
                                                       params.channels_last))
             trainer.seconds += time.perf_counter() - started
             row = {"epoch": epoch, "train_loss": sums["loss_sum"] / sums["seen"],
@@ -278,7 +306,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                 params.monitor]
             if trainer.best is None or score > trainer.best["score"]:  # NaN AUC (one-class valid) never wins
                 trainer.best = {"score": score, **row}
-                trainer.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+                trainer.best_state = {k: v.detach().to("cpu", copy=True)
+                                      for k, v in trainer.evaluated.state_dict().items()}
             trainer.position = Position(epoch + 1)
             state = trainer.state()  # collective (RNG states of every rank): all ranks take part
             if world.main:
@@ -374,6 +403,7 @@ def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tenso
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.scheduler.step()
+    trainer.update_ema()
     return loss, logits
 
 
