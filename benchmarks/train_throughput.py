@@ -40,7 +40,7 @@ from deepfake_detector.model import build_model  # noqa: E402
 from deepfake_detector.augment import draw  # noqa: E402
 from deepfake_detector.params import (AugmentParams, BlurParams, JpegParams, ModelParams, NoiseParams,  # noqa: E402
                                       TrainParams)
-from deepfake_detector.train import Trainer, autocast_dtype, epoch_batches, prepare_batch, train_step  # noqa: E402
+from deepfake_detector.train import Trainer, cpu_has_bf16, epoch_batches, prepare_batch, train_step  # noqa: E402
 
 # Every kind of augmentation, each on a fifth of the images (the defaults keep blur, noise and JPEG off).
 AUGMENT = AugmentParams(blur=BlurParams(prob=0.2), noise=NoiseParams(prob=0.2), jpeg=JpegParams(prob=0.2))
@@ -67,9 +67,9 @@ def timed(trainer: Trainer, net: nn.Module, batches, plan: dict | None, images: 
     return images / (time.perf_counter() - start)
 
 
-def measure(arch: str, device: torch.device, amp: bool, compile_: bool, images: np.ndarray,
+def measure(arch: str, device: torch.device, precision: str, compile_: bool, images: np.ndarray,
             labels: np.ndarray, batch_size: int, warmup: int, repeats: int) -> dict:
-    params = TrainParams(batch_size=batch_size, amp=amp, compile=compile_, augment=AUGMENT)
+    params = TrainParams(batch_size=batch_size, precision=precision, compile=compile_, augment=AUGMENT)
     order = torch.randperm(len(images))
     batches = epoch_batches(order, batch_size, SINGLE)
     trainer = Trainer(build(arch, images.shape[1]), params, device, seed=0, world=SINGLE, steps_per_epoch=len(batches))
@@ -96,7 +96,7 @@ def measure(arch: str, device: torch.device, amp: bool, compile_: bool, images: 
     for _ in range(repeats):
         for way, run in ways.items():
             rates[way].append(run())
-    return {"resident": data.resident, "amp": str(trainer.dtype).removeprefix("torch.") if trainer.dtype else "off",
+    return {"resident": data.resident, "dtype": str(trainer.dtype or torch.float32).removeprefix("torch."),
             **{way: float(np.median(r)) for way, r in rates.items()}}
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA"))
-    print(f"{'device':>6} {'arch':>9} {'px':>4} {'amp':>8} {'compile':>7} {'resident':>8} "
+    print(f"{'device':>6} {'arch':>9} {'px':>4} {'dtype':>8} {'compile':>7} {'resident':>8} "
           f"{'real':>9} {'real+aug':>9} {'synthetic':>9} {'ratio':>6} {'aug ratio':>9} {'100k epoch':>10}")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,14 +129,16 @@ def main() -> None:
             images = np.load(path, mmap_mode="r")
             labels = rng.integers(0, 2, args.images)
             for device in devices:
-                # bf16 autocast on and off (on a CPU only where it has bf16 instructions); compile on CUDA only.
-                amps = (True, False) if autocast_dtype(device, True) else (False,)
-                settings = [(a, c) for a in amps for c in ((False,) if device.type == "cpu" else (False, True))]
+                # Autocast on and off (on a CPU only where it has bf16 instructions); compile on CUDA only.
+                if device.type == "cpu":
+                    settings = [(p, False) for p in (("bf16", "fp32") if cpu_has_bf16() else ("fp32",))]
+                else:
+                    settings = [(p, c) for p in ("auto", "fp32") for c in (False, True)]
                 for arch in args.archs:
-                    for amp, compile_ in settings:
-                        r = measure(arch, device, amp, compile_, images, labels, args.batch_size, args.warmup,
+                    for precision, compile_ in settings:
+                        r = measure(arch, device, precision, compile_, images, labels, args.batch_size, args.warmup,
                                     args.repeats)
-                        print(f"{device.type:>6} {arch:>9} {size:>4} {r['amp']:>8} "
+                        print(f"{device.type:>6} {arch:>9} {size:>4} {r['dtype']:>8} "
                               f"{'on' if compile_ else 'off':>7} {'yes' if r['resident'] else 'no':>8} "
                               f"{r['real']:9.1f} {r['real+aug']:9.1f} {r['synthetic']:9.1f} "
                               f"{r['real'] / r['synthetic']:6.3f} {r['real+aug'] / r['synthetic']:9.3f} "

@@ -338,7 +338,7 @@ def test_submit_sends_the_compiled_spec_and_typed_parameters(tmp_path, kfp_api):
     pipeline_spec, platform_spec = compile_package(package)
     argv = ["submit", "--params", PARAMS, "--host", kfp_api.url, "--package", str(package),
             "--run-name", "ci-run", "--token", "t0ken", "-p", "train.epochs=3", "-p", "train_lr=0.01",
-            "-p", "train.amp=false", "-p", "model.channels=[8, 16]", "-p", "data.source=dvc:https://example.org/r@v1"]
+            "-p", "train.channels_last=false", "-p", "model.channels=[8, 16]", "-p", "data.source=dvc:https://example.org/r@v1"]
     outputs = []
     for _ in range(2):
         result = run_pipeline_cli(*argv, env=client_env(tmp_path))
@@ -355,7 +355,7 @@ def test_submit_sends_the_compiled_spec_and_typed_parameters(tmp_path, kfp_api):
         assert body["experiment_id"] == experiment["experiment_id"] and body["display_name"] == "ci-run"
         assert body["pipeline_spec"] == {"pipeline_spec": pipeline_spec, "platform_spec": platform_spec}
         parameters = body["runtime_config"]["parameters"]
-        assert parameters == {"train_epochs": 3, "train_lr": 0.01, "train_amp": False, "model_channels": "8,16",
+        assert parameters == {"train_epochs": 3, "train_lr": 0.01, "train_channels_last": False, "model_channels": "8,16",
                               "data_source": "dvc:https://example.org/r@v1"}
         assert_typed_as_declared(parameters, pipeline_spec)
         assert request["authorization"] == "Bearer t0ken"

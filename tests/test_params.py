@@ -32,7 +32,8 @@ def test_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize("key, value, message", [
     ("epochs", "ten", r"train\.epochs must be int"),
     ("epochs", True, r"train\.epochs must be int"),
-    ("amp", "maybe", r"train\.amp must be bool"),
+    ("channels_last", "maybe", r"train\.channels_last must be bool"),
+    ("precision", "half", r"train\.precision must be auto, bf16, fp16, fp32"),
     ("monitor", "f1", r"train\.monitor must be"),
     ("ema_epochs", -1.0, r"train\.ema_epochs must be 0 \(off\) or more"),
 ])
@@ -90,9 +91,9 @@ def test_to_dict_is_plain_yaml_data():
 def test_text_values_are_read_as_yaml():
     """KFP hands every parameter over as text; typed fields parse it, string fields keep it."""
     flat = {k: str(v) if not isinstance(v, list) else ",".join(map(str, v)) for k, v in flatten(Params()).items()}
-    flat |= {"train.epochs": "3.0", "train.amp": "false", "model.channels": "[8.0, 16.0]", "data.sha256": "",
+    flat |= {"train.epochs": "3.0", "train.channels_last": "false", "model.channels": "[8.0, 16.0]", "data.sha256": "",
              "preprocess.splits": "train,valid", "data.source": "123"}
     params = from_flat(flat)
-    assert params.train.epochs == 3 and params.train.amp is False and params.model.channels == (8, 16)
+    assert params.train.epochs == 3 and params.train.channels_last is False and params.model.channels == (8, 16)
     assert params.preprocess.splits == ("train", "valid") and params.data.source == "123"
     assert params.data.sha256 == "" and params.preprocess.blur.sigma == Params().preprocess.blur.sigma

@@ -58,9 +58,9 @@ def test_device_resolution():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_on_cuda_with_mixed_precision(tmp_path, synthetic_processed):
-    params = TrainParams(epochs=2, batch_size=16, amp=True)
+    params = TrainParams(epochs=2, batch_size=16, precision="auto")
     summary = train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cuda"), seed=0, progress=False)
-    assert summary["device"].startswith("cuda")
+    assert summary["device"].startswith("cuda") and summary["precision"] in ("bfloat16", "float16")
 
 
 def weights(path):
@@ -72,17 +72,21 @@ def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.values(), b.values()))
 
 
-def test_amp_on_cpu_runs_in_bf16_only_where_the_cpu_has_bf16_instructions(tmp_path, synthetic_processed):
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert train.autocast_dtype(torch.device("cpu"), False) is None
-    assert train.autocast_dtype(torch.device("cpu"), True) == (torch.bfloat16 if native else None)
-    for amp in (True, False):
-        params = TrainParams(epochs=1, batch_size=16, amp=amp)
-        summary = train.fit(synthetic_processed, tmp_path / str(amp), MODEL, params, torch.device("cpu"), seed=0,
-                            progress=False)
-        assert summary["precision"] == ("bfloat16" if amp and native else "float32")
+def test_cpu_precision_is_fp32_unless_bf16_is_asked_and_the_cpu_has_it(tmp_path, synthetic_processed):
+    cpu = torch.device("cpu")
+    assert train.autocast_dtype(cpu, "auto") is None and train.autocast_dtype(cpu, "fp32") is None
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        train.autocast_dtype(cpu, "fp16")
+    if not train.cpu_has_bf16():
+        with pytest.raises(UserError, match="needs bf16 instructions"):
+            train.autocast_dtype(cpu, "bf16")
+        return
+    for precision in ("bf16", "auto"):
+        params = TrainParams(epochs=1, batch_size=16, precision=precision)
+        summary = train.fit(synthetic_processed, tmp_path / precision, MODEL, params, cpu, seed=0, progress=False)
+        assert summary["precision"] == {"bf16": "bfloat16", "auto": "float32"}[precision]
     # bf16 autocast really ran: the same seed gives other weights than fp32 does.
-    assert same(weights(tmp_path / "True" / "model.pt"), weights(tmp_path / "False" / "model.pt")) is not native
+    assert not same(weights(tmp_path / "bf16" / "model.pt"), weights(tmp_path / "auto" / "model.pt"))
 
 
 def test_resident_and_prefetched_data_give_the_same_weights(tmp_path, synthetic_processed):

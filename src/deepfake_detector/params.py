@@ -25,6 +25,9 @@ class ParamsError(UserError):
     """A parameter file that does not match the schema."""
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision
+
+
 @dataclass(frozen=True)
 class DataParams:
     """Where the raw dataset comes from."""
@@ -125,7 +128,9 @@ class TrainParams:
     # An exponential moving average of the weights (torchvision's --model-ema), its time constant in
     # epochs; 0 = off. Validation, the best checkpoint and the saved model then use the average.
     ema_epochs: float = 0.0
-    amp: bool = True  # mixed precision: bf16 on GPUs and CPUs that support it, fp16 + loss scaling on older GPUs
+    # Autocast dtype. auto: bf16 on GPUs that support it, fp16 with loss scaling on older GPUs, fp32 on
+    # CPUs; bf16: also on CPUs with bf16 instructions (AVX512-BF16, AMX); fp16 (CUDA only); fp32.
+    precision: str = "auto"
     augment: AugmentParams = field(default_factory=AugmentParams)
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
     scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
@@ -140,6 +145,8 @@ class TrainParams:
             raise ParamsError(f"train.monitor must be auc, accuracy or loss, got {self.monitor!r}")
         if self.scheduler not in ("cosine", "constant"):
             raise ParamsError(f"train.scheduler must be cosine or constant, got {self.scheduler!r}")
+        if self.precision not in PRECISIONS:
+            raise ParamsError(f"train.precision must be {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.ema_epochs < 0:
             raise ParamsError(f"train.ema_epochs must be 0 (off) or more, got {self.ema_epochs}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -90,17 +90,33 @@ def ema_decay(time_constant_epochs: float, steps_per_epoch: int) -> float:
     return math.exp(-1.0 / (time_constant_epochs * steps_per_epoch))
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), fp16 on older GPUs; on a CPU, bf16
-    only where it has native bf16 instructions (AVX512-BF16 or AMX), else none: oneDNN emulates bf16
-    on other CPUs, slower than fp32."""
-    if not amp:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions; oneDNN emulates bf16 on others, slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype ``train.precision`` asks for on ``device``; None: full precision.
+
+    ``auto`` is bf16 on GPUs that support it (no loss scaling needed), fp16 on older GPUs, and fp32
+    on CPUs: there bf16 speeds the small CNN up 1.6x but gained little and lost valid AUC
+    fine-tuning Lite0 (README, "Devices and speed").
+    """
+    cuda = device.type == "cuda"
+    if precision == "fp32" or (precision == "auto" and not cuda):
         return None
-    if device.type == "cuda":
+    if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    return None
+    if precision == "fp16":
+        if not cuda:
+            raise UserError("train.precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+        return torch.float16
+    if cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("train.precision bf16: this GPU does not support bf16; use auto (fp16) or fp32")
+    if not cuda and not cpu_has_bf16():
+        raise UserError("train.precision bf16 on a CPU needs bf16 instructions (AVX512-BF16 or AMX), "
+                        "which this one lacks (emulated bf16 is slower than fp32); use fp32")
+    return torch.bfloat16
 
 
 class StopRequest(threading.Event):
@@ -178,7 +194,7 @@ class Trainer:
         self.ema = None if params.ema_epochs == 0 else AveragedModel(
             self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay(params.ema_epochs, steps_per_epoch)),
             use_buffers=True)
-        self.dtype = autocast_dtype(device, params.amp)
+        self.dtype = autocast_dtype(device, params.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
         self.position = Position()
