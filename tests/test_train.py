@@ -195,6 +195,30 @@ def test_augmentation_is_seeded_per_sample_and_does_what_it_says():
     assert not torch.equal(recompressed[:3], images[:3]) and torch.equal(recompressed[3:], images[3:])
 
 
+def test_mixup_blends_images_and_labels_alike_and_leaves_other_draws_alone(tmp_path, synthetic_processed):
+    from deepfake_detector.params import AugmentParams
+
+    plain = augment.draw(AugmentParams(), 64, torch.Generator().manual_seed(1))
+    mixed = augment.draw(AugmentParams(mixup=0.5), 64, torch.Generator().manual_seed(1))
+    assert "mix" not in plain and all(torch.equal(plain[k], mixed[k]) for k in plain)  # drawn last, only when on
+    share = mixed["mix"]
+    assert 10 < int((share < 1).sum()) < 54 and len(set(share.tolist())) > 10  # per image
+    x, y = torch.rand(64, 3, 8, 8), torch.randint(0, 2, (64,))
+    blended, target = augment.mix(x, y, share)
+    own = share[:, None, None, None]
+    assert torch.allclose(blended, own * x + (1 - own) * x.roll(1, 0))
+    assert torch.equal(blended[share == 1], x[share == 1])
+    assert torch.allclose(target.sum(1), torch.ones(64))
+    assert torch.allclose(target[:, 1], share * y + (1 - share) * y.roll(1))
+    assert augment.mix(x, y, None) == (x, y)
+    # Training with it is seeded like the rest, and it does train on the blends.
+    for name, rate in (("a", 0.5), ("b", 0.5), ("off", 0.0)):
+        params = TrainParams(epochs=1, batch_size=16, augment=AugmentParams(mixup=rate))
+        train.fit(synthetic_processed, tmp_path / name, MODEL, params, torch.device("cpu"), seed=4, progress=False)
+    assert same(weights(tmp_path / "a" / "model.pt"), weights(tmp_path / "b" / "model.pt"))
+    assert not same(weights(tmp_path / "a" / "model.pt"), weights(tmp_path / "off" / "model.pt"))
+
+
 def test_validation_never_augments(tmp_path, synthetic_processed):
     """Valid scores of the saved best model equal a plain pass over the valid split."""
     from deepfake_detector.batches import Batches

@@ -1,4 +1,5 @@
-"""Online augmentation, new every epoch: flips, random resized crops, Gaussian blur, noise and JPEG.
+"""Online augmentation, new every epoch: flips, random resized crops, Gaussian blur, noise, JPEG
+and MixUp.
 
 Every strength is drawn per sample (a batched ``transforms.v2`` call would draw one for the whole
 batch) from the trainer's generator, on the main thread, for the whole epoch at its start: a plan
@@ -36,13 +37,16 @@ def draw(params: AugmentParams, n: int, generator: torch.Generator) -> Plan:
     if params.crop_scale[0] >= 1:
         aspect = torch.ones(n)  # crops off: the whole image, whatever the aspect draw
     cx, cy = torch.rand(n, generator=generator), torch.rand(n, generator=generator)
-    return {"flip": chosen(params.hflip),
+    plan = {"flip": chosen(params.hflip),
             # Crop width and height as shares of the side, and where its centre may go (0..1 of the slack).
             "crop": torch.stack([(area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1), cx, cy], 1),
             "blur": torch.where(chosen(params.blur.prob), uniform(params.blur.sigma), 0.0),
             "noise": torch.where(chosen(params.noise.prob), uniform(params.noise.sigma), 0.0),
             "jpeg": torch.where(chosen(params.jpeg.prob), uniform(params.jpeg.quality).round(), 0.0).int(),
             "seed": torch.randint(0, 2**62, (n,), generator=generator)}
+    if params.mixup > 0:  # drawn last and only when on, so runs without it draw what they always did
+        plan["mix"] = torch.where(chosen(params.mixup), torch.rand(n, generator=generator), 1.0)
+    return plan
 
 
 def jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -87,6 +91,18 @@ def apply(x: torch.Tensor, plan: Plan) -> torch.Tensor:
         x = x + noise[:, None, None, None] * torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
         x = x.clamp(0, 1)
     return x
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, share: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp: each image of the float batch ``x`` keeps ``share`` of itself (1: unmixed) and takes
+    the rest from the one before it (a roll, as torchvision pairs them); the labels ``y`` blend
+    alike into soft (real, fake) targets. ``share`` None: ``x`` and ``y`` as they are."""
+    if share is None:
+        return x, y
+    own = share.to(x.device, dtype=x.dtype, non_blocking=True)
+    x = x.roll(1, 0).lerp(x, own[:, None, None, None])
+    onehot = F.one_hot(y, 2).to(x.dtype)
+    return x, onehot.roll(1, 0).lerp(onehot, own[:, None])
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

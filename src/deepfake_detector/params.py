@@ -114,6 +114,9 @@ class AugmentParams:
     blur: BlurParams = field(default_factory=BlurParams)
     noise: NoiseParams = field(default_factory=NoiseParams)
     jpeg: JpegParams = field(default_factory=JpegParams)
+    # MixUp: the probability that an image is blended with the one before it in its batch, keeping a
+    # uniform share of itself and of its label (torchvision's MixUp with alpha 1, drawn per image).
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -390,7 +390,8 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
             if distributed.any_rank(stop.is_set(), world, device):
                 return False
             plan = {k: v[idx] for k, v in pos.plan.items()}
-            loss, logits = train_step(trainer, net, prepare_batch(trainer, x, plan), y, loss_fn)
+            inputs, target = augment.mix(prepare_batch(trainer, x, plan), y, plan.get("mix"))
+            loss, logits = train_step(trainer, net, inputs, target, loss_fn)  # accuracy: each image's own label
             pos.sums["loss_sum"] += loss.detach() * len(y)
             pos.sums["correct"] += (logits.argmax(1) == y).sum()
             pos.sums["seen"] += len(y)
@@ -410,7 +411,8 @@ def prepare_batch(trainer: Trainer, images: torch.Tensor, plan: augment.Plan | N
 
 def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
                loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a prepared batch; returns the loss and logits (still on the device)."""
+    """One optimisation step on a prepared batch with class indices or (MixUp's) soft targets ``y``;
+    returns the loss and logits (still on the device)."""
     with torch.autocast(trainer.device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
         logits = net(x)
     loss = loss_fn(logits.float(), y)
