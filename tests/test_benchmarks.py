@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from deepfake_detector.train import cpu_has_bf16
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -18,9 +19,12 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_train_throughput_prints_real_and_synthetic_rates():
     out = run("benchmarks/train_throughput.py", "--images", "64", "--batch-size", "16", "--repeats", "1",
               "--warmup", "1", "--archs", "cnn", "--size", "32", "--devices", "cpu").stdout
-    (row,) = [line.split() for line in out.splitlines() if line.split()[:2] == ["cpu", "cnn"]]
-    real, aug, synthetic, ratio = map(float, row[6:10])
-    assert min(real, aug, synthetic) > 0 and abs(ratio - real / synthetic) < 0.01
+    rows = [line.split() for line in out.splitlines() if line.split()[:2] == ["cpu", "cnn"]]
+    # One row per precision: fp32, and bf16 where the CPU has bf16 instructions.
+    assert [row[3] for row in rows] == (["bfloat16", "float32"] if cpu_has_bf16() else ["float32"])
+    for row in rows:
+        real, aug, synthetic, ratio = map(float, row[6:10])
+        assert min(real, aug, synthetic) > 0 and abs(ratio - real / synthetic) < 0.01
 
 
 def test_learning_curve_writes_a_row_per_size(tmp_path, synthetic_processed):
