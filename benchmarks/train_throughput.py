@@ -96,7 +96,7 @@ def measure(arch: str, device: torch.device, precision: str, compile_: bool, ima
     for _ in range(repeats):
         for way, run in ways.items():
             rates[way].append(run())
-    return {"resident": data.resident, "dtype": str(trainer.dtype or torch.float32).removeprefix("torch."),
+    return {"resident": data.resident, "dtype": trainer.precision,
             **{way: float(np.median(r)) for way, r in rates.items()}}
 
 

@@ -204,6 +204,11 @@ class Trainer:
         self.seconds = 0.0  # training time before this process, from the checkpoint
 
     @property
+    def precision(self) -> str:
+        """The dtype training steps run in: bfloat16, float16 or float32."""
+        return str(self.dtype or torch.float32).removeprefix("torch.")
+
+    @property
     def evaluated(self) -> nn.Module:
         """The weights that are validated and saved: the moving average if there is one."""
         return self.model if self.ema is None else self.ema.module
@@ -339,7 +344,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     summary = {"best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
                "best_valid_accuracy": best["valid_accuracy"], "best_valid_auc": best["valid_auc"],
                "train_seconds": trainer.seconds, "device": str(device), "processes": world.size,
-               "data_on_device": resident, "precision": str(trainer.dtype or torch.float32).removeprefix("torch.")}
+               "data_on_device": resident, "precision": trainer.precision}
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
