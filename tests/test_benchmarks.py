@@ -6,7 +6,7 @@ import csv
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, make_dataset
 from deepfake_detector.train import cpu_has_bf16
 
 
@@ -35,3 +35,20 @@ def test_learning_curve_writes_a_row_per_size(tmp_path, synthetic_processed):
         rows = list(csv.DictReader(f))
     assert [int(r["train_images"]) for r in rows] == [6, 12, 24, 48]  # 1/8 ... all of 48 images
     assert {r["pretrained"] for r in rows} == {"none"} and (tmp_path / "learning_curve.png").stat().st_size > 0
+
+
+def test_seeds_runs_the_pipeline_per_seed(tmp_path):
+    raw = make_dataset(tmp_path / "raw", per_class=4, size=64)
+    out = run("benchmarks/seeds.py", "--raw", str(raw), "--out", str(tmp_path / "out"), "--seeds", "0", "1",
+              "--params", str(ROOT / "params.yaml"), "-S", "model.arch=cnn", "-S", "model.pretrained=none",
+              "-S", "model.channels=[8]", "-S", "model.hidden=8", "-S", "preprocess.image_size=32",
+              "-S", "train.epochs=1", "-S", "train.batch_size=4", "-S", "train.device=cpu").stdout
+    with (tmp_path / "out" / "seeds.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["seed"] for r in rows] == ["0", "1"] and out.splitlines()[-1].startswith("mean valid_auc")
+    for seed, row in enumerate(rows):
+        # Each seed ran the whole pipeline into its own folder, evaluation with robustness rows included.
+        assert (tmp_path / "out" / f"seed-{seed}" / "eval" / "metrics.json").exists()
+        assert 0 <= float(row["test_auc"]) <= 1
+        mild = max(float(row["jpeg_q50_up_drop"]), float(row["blur_s1_down_drop"]))
+        assert float(row["worst_robustness_drop"]) >= mild
