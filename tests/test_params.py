@@ -65,6 +65,12 @@ def test_overrides_parse_yaml_values_and_reject_unknown_keys():
     for bad in ("train.nope=1", "nope.lr=1", "train.lr", "train.epochs="):
         with pytest.raises(ParamsError):
             with_overrides(Params(), [bad])
+    # Probabilities are checked where they are read, with their full key.
+    for bad, key in (("train.augment.mixup=1.5", "train.augment.mixup"), ("train.augment.hflip=-0.1", "hflip"),
+                     ("preprocess.blur.prob=2", r"preprocess\.blur\.prob"), ("train.augment.jpeg.prob=-1", "jpeg")):
+        with pytest.raises(ParamsError, match=f"{key}.* must be between 0 and 1"):
+            with_overrides(Params(), [bad])
+    assert with_overrides(Params(), ["train.augment.mixup=1"]).train.augment.mixup == 1.0
     # An empty value is an empty string (YAML alone reads null), as MLproject passes `data.sha256=`.
     assert with_overrides(Params(), ["data.sha256="]).data.sha256 == ""
 

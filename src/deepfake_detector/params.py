@@ -21,6 +21,11 @@ from deepfake_detector.errors import UserError
 DEFAULT_KAGGLE_SOURCE = "kaggle:xhlulu/140k-real-and-fake-faces"
 
 
+def probability(default: float = 0.0) -> Any:
+    """A field that loading checks lies in [0, 1] (and names, with its full key, when it does not)."""
+    return field(default=default, metadata={"range": (0.0, 1.0)})
+
+
 class ParamsError(UserError):
     """A parameter file that does not match the schema."""
 
@@ -54,13 +59,13 @@ class DownloadParams:
 
 @dataclass(frozen=True)
 class BlurParams:
-    prob: float = 0.0
+    prob: float = probability()
     sigma: tuple[float, float] = (0.1, 1.5)
 
 
 @dataclass(frozen=True)
 class NoiseParams:
-    prob: float = 0.0
+    prob: float = probability()
     sigma: tuple[float, float] = (1.0, 8.0)  # std of Gaussian noise, in 0-255 pixel units
 
 
@@ -100,7 +105,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class JpegParams:
-    prob: float = 0.0
+    prob: float = probability()
     quality: tuple[float, float] = (50.0, 95.0)  # JPEG quality range
 
 
@@ -108,7 +113,7 @@ class JpegParams:
 class AugmentParams:
     """Online augmentation of training batches, drawn per sample every epoch (see augment.py)."""
 
-    hflip: float = 0.5  # probability of a horizontal flip; faces are left-right symmetric
+    hflip: float = probability(0.5)  # probability of a horizontal flip; faces are left-right symmetric
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area share range; [1, 1] turns it off
     # Online blur, noise and JPEG are off by default (the README's ablation); preprocess keeps its own.
     blur: BlurParams = field(default_factory=BlurParams)
@@ -116,7 +121,7 @@ class AugmentParams:
     jpeg: JpegParams = field(default_factory=JpegParams)
     # MixUp: the probability that an image is blended with the one before it in its batch, keeping a
     # uniform share of itself and of its label (torchvision's MixUp with alpha 1, drawn per image).
-    mixup: float = 0.0
+    mixup: float = probability()
 
 
 @dataclass(frozen=True)
@@ -327,7 +332,8 @@ def _build(cls: type, raw: Any, where: str, partial: bool) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"{label} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     unknown = sorted(set(raw) - set(names))
     if unknown:
         keys = ", ".join(f"{where}{'.' if where else ''}{k}" for k in unknown)
@@ -340,6 +346,9 @@ def _build(cls: type, raw: Any, where: str, partial: bool) -> Any:
                 raise ParamsError(f"missing parameter: {key}")
             continue
         kwargs[name] = _coerce(hints[name], raw[name], key, partial)
+        low, high = fields[name].metadata.get("range", (None, None))
+        if low is not None and not low <= kwargs[name] <= high:
+            raise ParamsError(f"{key} must be between {low:g} and {high:g}, got {kwargs[name]!r}")
     return cls(**kwargs)
 
 
