@@ -16,13 +16,16 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from deepfake_detector import evaluate, preprocess  # noqa: E402
-from deepfake_detector.params import flatten, load_params, with_overrides  # noqa: E402
+from deepfake_detector.params import Params, flatten, load_params, with_overrides  # noqa: E402
 from deepfake_detector.promote import robustness_drop  # noqa: E402
 from deepfake_detector.train import fit, resolve_device  # noqa: E402
 
@@ -30,14 +33,14 @@ COLUMNS = ("valid_auc", "valid_accuracy", "test_auc", "test_accuracy", "eer", "j
            "blur_s1_down_drop", "worst_robustness_drop")
 
 
-def worst_drop(metrics: dict, prefix: str, keep) -> float:
+def worst_drop(metrics: dict, prefix: str, keep: Callable[[float], bool]) -> float:
     """Clean test AUC minus the worst AUC of the robustness rows ``prefix<level>`` whose level ``keep`` accepts."""
     rows = [row["auc"] for name, row in metrics["robustness"].items()
             if name.startswith(prefix) and keep(float(name.removeprefix(prefix)))]
     return metrics["roc_auc"] - min(rows) if rows else float("nan")
 
 
-def run_seed(p, raw: Path, out: Path, device) -> dict:
+def run_seed(p: Params, raw: Path, out: Path, device: torch.device) -> dict:
     """One seed's pipeline into ``out``: the row of figures."""
     preprocess.run(raw, out / "processed", p.preprocess, p.seed, progress=False)
     summary = fit(out / "processed", out / "model", p.model, p.train, device, p.seed, progress=False)
