@@ -35,6 +35,7 @@ def test_unknown_key_is_named(tmp_path):
     ("channels_last", "maybe", r"train\.channels_last must be bool"),
     ("precision", "half", r"train\.precision must be auto, bf16, fp16, fp32"),
     ("monitor", "f1", r"train\.monitor must be"),
+    ("monitor_window", 0, r"train\.monitor_window must be at least 1"),
     ("ema_epochs", -1.0, r"train\.ema_epochs must be 0 \(off\) or more"),
 ])
 def test_mistyped_value_is_named(tmp_path, key, value, message):

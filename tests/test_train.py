@@ -39,6 +39,25 @@ def test_fit_learns_and_reports_each_epoch(tmp_path, synthetic_processed):
     assert json.loads((tmp_path / "train.json").read_text())["best_epoch"] == ckpt["epoch"]
 
 
+def test_monitor_window_averages_the_epochs_before_and_picks_the_checkpoint_by_it(tmp_path, synthetic_processed):
+    spiky = [{"valid_auc": v} for v in (0.70, 0.90, 0.72, 0.84, 0.85, 0.86)]
+    scores = [train.monitor_score(spiky[:e], "valid_auc", 3) for e in range(1, 7)]
+    assert scores[:2] == [pytest.approx(0.70), pytest.approx(0.80)]  # fewer epochs than the window so far
+    assert max(range(6), key=scores.__getitem__) == 5  # the lucky epoch 2 wins alone, not on average
+    assert math.isnan(train.monitor_score([{"valid_auc": math.nan}, {"valid_auc": 0.9}], "valid_auc", 2))
+
+    params = TrainParams(epochs=6, batch_size=16, warmup_epochs=0.0, monitor="loss", monitor_window=3,
+                         augment=FLIPS_ONLY)
+    summary = train.fit(synthetic_processed, tmp_path, MODEL, params, torch.device("cpu"), seed=1, progress=False)
+    with (tmp_path / "history.csv").open() as f:
+        losses = [float(r["valid_loss"]) for r in csv.DictReader(f)]
+    windowed = [sum(losses[max(0, e - 3):e]) / len(losses[max(0, e - 3):e]) for e in range(1, 7)]
+    assert summary["best_epoch"] == 1 + min(range(6), key=windowed.__getitem__)
+    _, ckpt = load_checkpoint(tmp_path / "model.pt")  # that epoch's own weights and figures
+    assert ckpt["epoch"] == summary["best_epoch"]
+    assert ckpt["valid"]["log_loss"] == pytest.approx(losses[ckpt["epoch"] - 1])
+
+
 def test_same_seed_same_weights(tmp_path, synthetic_processed):
     params = TrainParams(epochs=1, batch_size=16)
     for name in ("a", "b"):

@@ -141,6 +141,10 @@ class TrainParams:
     precision: str = "auto"
     augment: AugmentParams = field(default_factory=AugmentParams)
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
+    # The best checkpoint is the epoch whose monitor, averaged over it and the epochs before it (this
+    # many in all), is best; 1 = that epoch's alone. On a small valid split a wider window keeps one
+    # lucky epoch of a noisy curve from winning.
+    monitor_window: int = 1
     scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
     data_on_device: str = "auto"  # splits resident in device memory: auto (if they fit) | true | false
     channels_last: bool = True  # NHWC memory layout, faster convolutions on GPUs and CPUs
@@ -155,6 +159,8 @@ class TrainParams:
             raise ParamsError(f"train.scheduler must be cosine or constant, got {self.scheduler!r}")
         if self.precision not in PRECISIONS:
             raise ParamsError(f"train.precision must be {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.monitor_window < 1:
+            raise ParamsError(f"train.monitor_window must be at least 1 (epochs), got {self.monitor_window}")
         if self.ema_epochs < 0:
             raise ParamsError(f"train.ema_epochs must be 0 (off) or more, got {self.ema_epochs}")
         if self.epochs < 1 or self.batch_size < 1:

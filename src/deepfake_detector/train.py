@@ -297,6 +297,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     train_data = Batches(train_x, train_y, device, resident)
     valid_data = Batches(valid_x, valid_y, device, resident)
     sign = -1.0 if params.monitor == "loss" else 1.0
+    monitored = {"auc": "valid_auc", "accuracy": "valid_accuracy", "loss": "valid_loss"}[params.monitor]
     extra = extra_state or {}
     with stop_requests() as stop:
         while trainer.position.epoch <= params.epochs:
@@ -323,8 +324,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                    "valid_accuracy": valid["accuracy"], "valid_auc": valid["roc_auc"], "lr": lr,
                    "epoch_seconds": time.perf_counter() - started}
             trainer.history.append(row)
-            score = sign * {"auc": valid["roc_auc"], "accuracy": valid["accuracy"], "loss": valid["log_loss"]}[
-                params.monitor]
+            score = sign * monitor_score(trainer.history, monitored, params.monitor_window)
             if trainer.best is None or score > trainer.best["score"]:  # NaN AUC (one-class valid) never wins
                 trainer.best = {"score": score, **row}
                 trainer.best_state = {k: v.detach().to("cpu", copy=True)
@@ -354,6 +354,12 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         atomic_write_text(out_dir / "history.csv", _history_csv(trainer.history))
         atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def monitor_score(history: list[dict[str, float]], key: str, window: int) -> float:
+    """The mean of ``key`` over the last ``window`` epochs of ``history`` (fewer in the first ones):
+    the figure that picks the best checkpoint. NaN (AUC of a one-class valid split) stays NaN."""
+    return math.fsum(row[key] for row in history[-window:]) / len(history[-window:])
 
 
 def epoch_batches(order: torch.Tensor, batch_size: int, world: World) -> list[torch.Tensor]:
