@@ -68,7 +68,8 @@ def main() -> None:
                   f"main {row['main_rss_mb']:6.0f} MB  worker {row['worker_rss_mb']:6.0f} MB  "
                   f"output {row['output_mb']:7.0f} MB", flush=True)
     first, last = rows[0], rows[-1]
-    print(f"\n{last['images'] / first['images']:.0f}x the images: main RSS x{last['main_rss_mb'] / first['main_rss_mb']:.2f}, "
+    print(f"\n{last['images'] / first['images']:.0f}x the images: "
+          f"main RSS x{last['main_rss_mb'] / first['main_rss_mb']:.2f}, "
           f"worker RSS x{last['worker_rss_mb'] / first['worker_rss_mb']:.2f}, "
           f"output x{last['output_mb'] / first['output_mb']:.1f}")
 

@@ -113,7 +113,8 @@ def _check_reachable(host: str, timeout: float) -> None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"cannot reach KFP at {host}: {reason}. Check --host (e.g. after "
-                        "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`, use http://localhost:8080)") from None
+                        "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`, "
+                        "use http://localhost:8080)") from None
 
 
 def main(argv: list[str] | None = None) -> int:

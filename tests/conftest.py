@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -30,6 +31,12 @@ def _flips_only():
 # The synthetic fakes' tell is a one-pixel checkerboard, which blur, noise, JPEG and resized crops
 # erase: tests that need a model that learns it train with flips alone.
 FLIPS_ONLY = _flips_only()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def synthetic_face(label: int, index: int, size: int = 48) -> Image.Image:
@@ -87,7 +94,8 @@ def synthetic_model(tmp_path_factory, synthetic_processed) -> Path:
     from deepfake_detector.train import fit
 
     out = tmp_path_factory.mktemp("synthetic-model")
-    fit(synthetic_processed, out, ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16),
+    model = ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16)
+    fit(synthetic_processed, out, model,
         TrainParams(epochs=8, batch_size=16, lr=3e-3, augment=FLIPS_ONLY), torch.device("cpu"), seed=0, progress=False)
     return out
 

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from conftest import FACES_MINI, ROOT, synthetic_face
+from conftest import FACES_MINI, ROOT, png_bytes, synthetic_face
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 APP = str(ROOT / "app" / "streamlit_app.py")
@@ -77,22 +77,17 @@ def test_hostile_uploads_are_refused_or_scored_like_everywhere_else(monkeypatch,
     app = streamlit_testing.AppTest.from_file(APP, default_timeout=120)
     app.run()
 
-    def png(image: Image.Image) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-
     eps = io.BytesIO()
     synthetic_face(1, 0, 64).save(eps, format="EPS")
     for name, data, reason in [("drawing.png", eps.getvalue(), "unsupported format: EPS"),  # the suffix lies
-                               ("tiny.png", png(synthetic_face(1, 1, 8)), "too small: 8x8")]:
+                               ("tiny.png", png_bytes(synthetic_face(1, 1, 8)), "too small: 8x8")]:
         app.file_uploader[0].upload(name, data, "image/png").run()
         assert not app.exception, app.exception
         assert any(name in e.value and reason in e.value for e in app.error), [e.value for e in app.error]
     grey16 = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
-    app.file_uploader[0].upload("deep.png", png(Image.fromarray(grey16)), "image/png").run()
+    app.file_uploader[0].upload("deep.png", png_bytes(Image.fromarray(grey16)), "image/png").run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     detector = Detector.load(str(model))
     grey8 = np.rint(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
-    expected = float(detector.predict(detector.prepare(png(Image.fromarray(grey8))).array[None])[0])
+    expected = float(detector.predict(detector.prepare(png_bytes(Image.fromarray(grey8))).array[None])[0])
     assert f"P(fake) {expected:.3f}" in page_text(app)

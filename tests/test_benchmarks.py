@@ -29,7 +29,8 @@ def test_train_throughput_prints_real_and_synthetic_rates():
 
 def test_learning_curve_writes_a_row_per_size(tmp_path, synthetic_processed):
     run("benchmarks/learning_curve.py", "--data", str(synthetic_processed), "--out", str(tmp_path),
-        "--params", str(ROOT / "params.yaml"), "-S", "model.arch=cnn", "-S", "model.pretrained=none", "-S", "model.channels=[8]", "-S", "model.hidden=8",
+        "--params", str(ROOT / "params.yaml"), "-S", "model.arch=cnn", "-S", "model.pretrained=none",
+        "-S", "model.channels=[8]", "-S", "model.hidden=8",
         "-S", "train.epochs=1", "-S", "train.batch_size=16", "-S", "train.device=cpu")
     with (tmp_path / "learning_curve.csv").open() as f:
         rows = list(csv.DictReader(f))

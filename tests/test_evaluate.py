@@ -51,7 +51,8 @@ def test_eer_brier_and_counts():
     assert m["brier"] == pytest.approx(skm.brier_score_loss(labels, scores))
     assert (m["n_real"], m["n_fake"]) == ((labels == 0).sum(), (labels == 1).sum())
     # EER by brute force: the threshold where the two error rates are closest.
-    best = min(np.unique(scores), key=lambda t: abs(np.mean(scores[labels == 0] >= t) - np.mean(scores[labels == 1] < t)))
+    best = min(np.unique(scores),
+               key=lambda t: abs(np.mean(scores[labels == 0] >= t) - np.mean(scores[labels == 1] < t)))
     fpr, fnr = np.mean(scores[labels == 0] >= best), np.mean(scores[labels == 1] < best)
     assert m["eer"] == pytest.approx((fpr + fnr) / 2, abs=0.01)
     assert compute_metrics(np.array([0, 1]), np.array([0.2, 0.8]))["eer"] == 0.0

@@ -32,8 +32,9 @@ def labelled_folder(root):
 
 
 def evaluate(data, model_dir, out, *extra):
-    return subprocess.run([sys.executable, "-m", "deepfake_detector.cli", "evaluate", "--params", str(ROOT / "params.yaml"),
-                           "--data", str(data), "--model", str(model_dir), "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "deepfake_detector.cli", "evaluate",
+                           "--params", str(ROOT / "params.yaml"), "--data", str(data), "--model", str(model_dir),
+                           "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=300)
 
 

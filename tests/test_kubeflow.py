@@ -104,7 +104,8 @@ def test_spec_requests_a_gpu_for_training_only(spec):
     assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert train["resources"]["resourceCpuRequest"] == "4" and train["resources"]["resourceMemoryRequest"] == "16G"
     assert train["image"] == "registry.example.com/deepfake-detector:v1"
-    assert all("accelerator" not in e["container"].get("resources", {}) for n, e in executors.items() if n != "exec-train")
+    assert all("accelerator" not in e["container"].get("resources", {})
+               for n, e in executors.items() if n != "exec-train")
 
 
 def test_spec_trains_under_torchrun_with_retries_and_shared_memory(spec):
@@ -338,7 +339,8 @@ def test_submit_sends_the_compiled_spec_and_typed_parameters(tmp_path, kfp_api):
     pipeline_spec, platform_spec = compile_package(package)
     argv = ["submit", "--params", PARAMS, "--host", kfp_api.url, "--package", str(package),
             "--run-name", "ci-run", "--token", "t0ken", "-p", "train.epochs=3", "-p", "train_lr=0.01",
-            "-p", "train.channels_last=false", "-p", "model.channels=[8, 16]", "-p", "data.source=dvc:https://example.org/r@v1"]
+            "-p", "train.channels_last=false", "-p", "model.channels=[8, 16]",
+            "-p", "data.source=dvc:https://example.org/r@v1"]
     outputs = []
     for _ in range(2):
         result = run_pipeline_cli(*argv, env=client_env(tmp_path))
@@ -355,8 +357,8 @@ def test_submit_sends_the_compiled_spec_and_typed_parameters(tmp_path, kfp_api):
         assert body["experiment_id"] == experiment["experiment_id"] and body["display_name"] == "ci-run"
         assert body["pipeline_spec"] == {"pipeline_spec": pipeline_spec, "platform_spec": platform_spec}
         parameters = body["runtime_config"]["parameters"]
-        assert parameters == {"train_epochs": 3, "train_lr": 0.01, "train_channels_last": False, "model_channels": "8,16",
-                              "data_source": "dvc:https://example.org/r@v1"}
+        assert parameters == {"train_epochs": 3, "train_lr": 0.01, "train_channels_last": False,
+                              "model_channels": "8,16", "data_source": "dvc:https://example.org/r@v1"}
         assert_typed_as_declared(parameters, pipeline_spec)
         assert request["authorization"] == "Bearer t0ken"
         assert f"submitted run {run['run_id']}: {kfp_api.url}/#/runs/details/{run['run_id']}" in stdout

@@ -5,7 +5,6 @@ Checked on the source with `ast`, every import statement at any depth (inside fu
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FACES_MINI, ROOT, free_port, synthetic_face, wait_http
+from conftest import FACES_MINI, ROOT, free_port, png_bytes, synthetic_face, wait_http
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.params import MlflowParams
 from deepfake_detector.predict import largest_face, prepare
@@ -31,12 +30,6 @@ needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), rea
 @pytest.fixture
 def model_dir(synthetic_model):
     return synthetic_model
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_oversized_files_and_decompression_bombs_are_refused():
@@ -156,7 +149,8 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
 
     port = free_port()
     # mlflow serves through `uvicorn`, looked up on PATH: this venv's.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                                "models:/deepfake-detector@champion", "--env-manager", "local", "-h", "127.0.0.1",
                                "-p", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,

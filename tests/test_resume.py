@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from deepfake_detector.model import load_checkpoint
 EPOCHS = 3
 # Big enough that an epoch takes a noticeable time (a signal lands inside a run), small enough for CI.
 # With a moving average of the weights, so that its state is resumed and gathered too.
-SMALL = ["-S", "model.arch=cnn", "-S", "model.pretrained=none", "-S", "model.channels=[16,32,64]", "-S", "model.hidden=16",
+SMALL = ["-S", "model.arch=cnn", "-S", "model.pretrained=none", "-S", "model.channels=[16,32,64]",
+         "-S", "model.hidden=16",
          "-S", f"train.epochs={EPOCHS}", "-S", "train.batch_size=16", "-S", "train.lr=0.003", "-S", "train.device=cpu",
          "-S", "train.ema_epochs=1", "-S", "seed=7"]
 
@@ -60,7 +60,8 @@ def run_train(cmd: list[str], cwd: Path, tracking: str | None = None) -> subproc
     return result
 
 
-def start_until(cmd: list[str], cwd: Path, line: str, tracking: str | None = None) -> tuple[subprocess.Popen, list[str]]:
+def start_until(cmd: list[str], cwd: Path, line: str,
+                tracking: str | None = None) -> tuple[subprocess.Popen, list[str]]:
     """Start ``cmd`` and read its output until a line starting with ``line``; returns the process and lines."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env(tracking), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -71,7 +71,8 @@ class Batches:
         else:
             yield from _prefetched(self, index_batches, jpeg_quality)
 
-    def host_batch(self, idx: torch.Tensor, jpeg_quality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def host_batch(self, idx: torch.Tensor,
+                   jpeg_quality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch read from the memory map into host memory (pinned when a GPU will take it)."""
         # Sorted indices read the memory map front to back; the order inside a batch does not matter
         # to the loss, and the resident path sorts the same way, so both give the same batches.

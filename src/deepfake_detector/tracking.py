@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
