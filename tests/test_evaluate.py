@@ -71,6 +71,12 @@ def test_threshold_rules_on_validation_scores():
     assert fpr(t) <= 0.1
     assert recall(t) == pytest.approx(max(recall(c) for c in np.unique(scores) if fpr(c) <= 0.1))
     assert choose_threshold(labels, scores, "fixed", fixed=0.7) == 0.7
+    # eer: the two error rates meet there (as near as the scores allow), and their mean is the EER.
+    t = choose_threshold(labels, scores, "eer")
+    fnr = lambda t: 1 - recall(t)  # noqa: E731
+    closest = min(abs(fpr(c) - fnr(c)) for c in np.unique(scores))
+    assert abs(fpr(t) - fnr(t)) <= closest + 2 / min(np.bincount(labels))
+    assert (fpr(t) + fnr(t)) / 2 == pytest.approx(compute_metrics(labels, scores)["eer"])
     assert choose_threshold(np.zeros(5, int), scores[:5], "max_accuracy", fixed=0.3) == 0.3  # one class
 
 

@@ -149,7 +149,7 @@ def test_registered_model_loads_and_predicts_like_the_checkpoint(repo, monkeypat
     assert np.all((from_registry >= 0) & (from_registry <= 1))
     # Same decision settings, so the same labels: the threshold chosen on valid, not 0.5.
     assert registered.decision == local.decision == Decision.read(repo / "eval" / "detector.json")
-    assert registered.decision.rule == "max_accuracy" and "version" in registered.source
+    assert registered.decision.rule == "eer" and "version" in registered.source
     assert [registered.label(p) for p in from_registry] == [local.label(p) for p in from_checkpoint]
 
 

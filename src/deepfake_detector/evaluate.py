@@ -34,14 +34,17 @@ def choose_threshold(labels: np.ndarray, p_fake: np.ndarray, rule: str, target_f
                      fixed: float = 0.5) -> float:
     """The P(fake) threshold that ``rule`` picks on these (validation) scores.
 
-    ``max_accuracy``: the highest accuracy; ``target_fpr``: the highest recall whose false
-    positive rate (real faces called fake) stays at or below ``target_fpr``; ``fixed``: ``fixed``.
+    ``eer``: where the false positive rate (real faces called fake) meets the miss rate (fakes
+    called real); ``max_accuracy``: the highest accuracy; ``target_fpr``: the highest recall whose
+    false positive rate stays at or below ``target_fpr``; ``fixed``: ``fixed``.
     """
     if rule == "fixed":
         return fixed
     labels = np.asarray(labels).astype(int)
     if len(np.unique(labels)) < 2:
         return fixed  # no ROC without both classes
+    if rule == "eer":
+        return float(min(_equal_error_point(labels, p_fake)[1], NEVER))
     fpr, tpr, thresholds = skm.roc_curve(labels, p_fake, drop_intermediate=False)
     thresholds = np.minimum(thresholds, NEVER)  # sklearn's first threshold is inf
     if rule == "max_accuracy":
@@ -56,10 +59,15 @@ def choose_threshold(labels: np.ndarray, p_fake: np.ndarray, rule: str, target_f
 
 def equal_error_rate(labels: np.ndarray, p_fake: np.ndarray) -> float:
     """The rate where false positives (real called fake) equal false negatives (fakes missed)."""
-    fpr, tpr, _ = skm.roc_curve(labels, p_fake)
+    return _equal_error_point(labels, p_fake)[0]
+
+
+def _equal_error_point(labels: np.ndarray, p_fake: np.ndarray) -> tuple[float, float]:
+    """(equal error rate, the threshold at which it occurs): the ROC point nearest FPR = FNR."""
+    fpr, tpr, thresholds = skm.roc_curve(labels, p_fake)
     fnr = 1 - tpr
     i = int(np.argmin(np.abs(fnr - fpr)))
-    return float((fpr[i] + fnr[i]) / 2)
+    return float((fpr[i] + fnr[i]) / 2), float(thresholds[i])
 
 
 def calibration(labels: np.ndarray, p_fake: np.ndarray, bins: int) -> list[dict]:
