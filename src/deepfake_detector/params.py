@@ -143,7 +143,7 @@ class TrainParams:
     monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
     # The best checkpoint is the epoch whose monitor, averaged over it and the epochs before it (this
     # many in all), is best; 1 = that epoch's alone. On a small valid split the best single epoch of a
-    # noisy curve is partly a lucky draw (README, Experiments); a window of 5 picks a good stretch.
+    # noisy curve is partly a lucky draw (README, the train stage); a window of 5 picks a good stretch.
     monitor_window: int = 5
     scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
     data_on_device: str = "auto"  # splits resident in device memory: auto (if they fit) | true | false
