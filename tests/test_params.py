@@ -6,9 +6,25 @@ import dataclasses
 
 import pytest
 import yaml
-
 from conftest import ROOT
-from deepfake_detector.params import Params, ParamsError, flatten, from_flat, load_params, to_dict, with_overrides
+
+from deepfake_detector.params import (
+    ARCHS,
+    PRECISIONS,
+    BlurParams,
+    DownloadParams,
+    EvaluateParams,
+    JpegParams,
+    ModelParams,
+    Params,
+    ParamsError,
+    TrainParams,
+    flatten,
+    from_flat,
+    load_params,
+    to_dict,
+    with_overrides,
+)
 
 
 def test_params_yaml_loads_and_matches_defaults():
@@ -33,10 +49,11 @@ def test_unknown_key_is_named(tmp_path):
     ("epochs", "ten", r"train\.epochs must be int"),
     ("epochs", True, r"train\.epochs must be int"),
     ("channels_last", "maybe", r"train\.channels_last must be bool"),
-    ("precision", "half", r"train\.precision must be auto, bf16, fp16, fp32"),
-    ("monitor", "f1", r"train\.monitor must be"),
-    ("monitor_window", 0, r"train\.monitor_window must be at least 1"),
-    ("ema_epochs", -1.0, r"train\.ema_epochs must be 0 \(off\) or more"),
+    ("precision", "half", r"train\.precision must be one of auto, bf16, fp16, fp32, got 'half'"),
+    ("monitor", "f1", r"train\.monitor must be one of auc, accuracy, loss, got 'f1'"),
+    ("monitor", 3, r"train\.monitor must be str, got 3"),
+    ("monitor_window", 0, r"train\.monitor_window must be at least 1, got 0"),
+    ("ema_epochs", -1.0, r"train\.ema_epochs must be at least 0, got -1\.0"),
 ])
 def test_mistyped_value_is_named(tmp_path, key, value, message):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -104,3 +121,72 @@ def test_text_values_are_read_as_yaml():
     assert params.train.epochs == 3 and params.train.channels_last is False and params.model.channels == (8, 16)
     assert params.preprocess.splits == ("train", "valid") and params.data.source == "123"
     assert params.data.sha256 == "" and params.preprocess.blur.sigma == Params().preprocess.blur.sigma
+
+
+# Each declared check (a Literal choice, a minimum, a probability), named by its full key whichever way the value came.
+BAD = [
+    ("train.monitor", "'f1'", r"train\.monitor must be one of auc, accuracy, loss, got 'f1'"),
+    ("train.scheduler", "'step'", r"train\.scheduler must be one of cosine, constant, got 'step'"),
+    ("train.data_on_device", "'sometimes'", r"train\.data_on_device must be one of auto, true, false, got 'sometimes'"),
+    ("evaluate.threshold_rule", "'f1'", r"evaluate\.threshold_rule must be one of eer, max_accuracy, .*, got 'f1'"),
+    ("model.arch", "'vgg'", r"model\.arch must be one of cnn, resnet18, .*, got 'vgg'"),
+    ("train.epochs", "0", r"train\.epochs must be at least 1, got 0"),
+    ("train.batch_size", "-1", r"train\.batch_size must be at least 1, got -1"),
+    ("train.monitor_window", "0", r"train\.monitor_window must be at least 1, got 0"),
+    ("train.ema_epochs", "-0.5", r"train\.ema_epochs must be at least 0, got -0\.5"),
+    ("download.max_bytes", "0", r"download\.max_bytes must be more than 0, got 0"),
+    ("download.max_entries", "0", r"download\.max_entries must be more than 0, got 0"),
+    ("download.max_ratio", "-1", r"download\.max_ratio must be more than 0, got -1\.0"),
+    ("train.augment.blur.prob", "1.5", r"train\.augment\.blur\.prob must be between 0 and 1, got 1\.5"),
+    ("preprocess.noise.prob", "-0.1", r"preprocess\.noise\.prob must be between 0 and 1, got -0\.1"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD)
+def test_declared_checks_name_the_key_from_a_file(tmp_path, key, value, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+@pytest.mark.parametrize("key, value, message", BAD)
+def test_declared_checks_name_the_key_from_an_override(key, value, message):
+    with pytest.raises(ParamsError, match=message):
+        with_overrides(Params(), [f"{key}={value}"])
+    with pytest.raises(ParamsError, match=message):  # as KFP hands them over: text
+        from_flat({key: value.strip("'")}, partial=True)
+
+
+def test_declared_checks_run_in_python_too():
+    """Code and tests build params directly (and with dataclasses.replace): the same checks, the same keys."""
+    for build, message in (
+        (lambda: TrainParams(monitor="f1"), r"train\.monitor must be one of auc, accuracy, loss, got 'f1'"),
+        (lambda: TrainParams(precision="half"), r"train\.precision must be one of auto, bf16, fp16, fp32"),
+        (lambda: TrainParams(data_on_device=True), r"train\.data_on_device must be one of auto, true, false, got True"),
+        (lambda: EvaluateParams(threshold_rule="f1"), r"evaluate\.threshold_rule must be one of"),
+        (lambda: ModelParams(arch="vgg"), r"model\.arch must be one of cnn, "),
+        (lambda: TrainParams(epochs=0), r"train\.epochs must be at least 1, got 0"),
+        (lambda: dataclasses.replace(Params().train, monitor_window=0), r"train\.monitor_window must be at least 1"),
+        (lambda: DownloadParams(max_ratio=0), r"download\.max_ratio must be more than 0, got 0"),
+        (lambda: JpegParams(prob=2.0), r"train\.augment\.jpeg\.prob must be between 0 and 1, got 2\.0"),
+        # BlurParams sits at preprocess.blur and train.augment.blur: built alone, it goes by its class name.
+        (lambda: BlurParams(prob=-1.0), r"BlurParams\.prob must be between 0 and 1, got -1\.0"),
+    ):
+        with pytest.raises(ParamsError, match=message):
+            build()
+    assert TrainParams(epochs=1, ema_epochs=0.0, precision="bf16").precision == "bf16"  # the bounds are allowed
+
+
+def test_choices_are_declared_once():
+    assert PRECISIONS == ("auto", "bf16", "fp16", "fp32")
+    assert ARCHS[0] == "cnn" and Params().model.arch in ARCHS and len(set(ARCHS)) == len(ARCHS) == 7
+    # YAML's `true` (or KFP's text "false") for a text switch is the text, as params.yaml documents it.
+    assert from_flat({"train.data_on_device": True}, partial=True).train.data_on_device == "true"
+    assert from_flat({"train.data_on_device": "false"}, partial=True).train.data_on_device == "false"

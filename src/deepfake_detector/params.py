@@ -8,11 +8,13 @@ mistyped key is a :class:`ParamsError` that names it, so a typo in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -21,20 +23,46 @@ from deepfake_detector.errors import UserError
 DEFAULT_KAGGLE_SOURCE = "kaggle:xhlulu/140k-real-and-fake-faces"
 
 
-def probability(default: float = 0.0) -> Any:
-    """A field that loading checks lies in [0, 1] (and names, with its full key, when it does not)."""
-    return field(default=default, metadata={"range": (0.0, 1.0)})
-
-
 class ParamsError(UserError):
     """A parameter file that does not match the schema."""
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision
+# Choices are declared as Literal types, ranges with the helpers below; one routine, _check, checks both
+# whenever a params dataclass (a _Checked) is built, from YAML, -S overrides or Python, naming the full key.
+def checked(default: Any, must: str, test: Callable[[Any], bool]) -> Any:
+    """A field whose value must pass ``test``, else "<key> must be <must>, got <value>"."""
+    return field(default=default, metadata={"must": (must, test)})
+
+
+def probability(default: float = 0.0) -> Any:
+    return checked(default, "between 0 and 1", lambda v: 0 <= v <= 1)
+
+
+def at_least(low: float, default: Any) -> Any:
+    return checked(default, f"at least {low:g}", lambda v: v >= low)
+
+
+def positive(default: Any) -> Any:
+    return checked(default, "more than 0", lambda v: v > 0)
+
+
+class _Checked:
+    """Base of the params dataclasses: checks each field's declared choices and range on construction."""
+
+    def __post_init__(self) -> None:
+        for name in _hints(type(self)):
+            _check(type(self), name, getattr(self, name), f"{_WHERE.get(type(self), type(self).__name__)}.{name}")
+
+
+Arch = Literal["cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+               "efficientnet_lite0"]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)  # train.precision
 
 
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(_Checked):
     """Where the raw dataset comes from."""
 
     source: str = DEFAULT_KAGGLE_SOURCE  # kaggle:OWNER/NAME, http(s)://...zip|tar, or a local path
@@ -42,80 +70,68 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class DownloadParams:
+class DownloadParams(_Checked):
     """Fetching ``data.source``, and the caps that refuse an archive bomb before anything is unpacked."""
 
     timeout_s: float = 60.0
     retries: int = 3
     # The 140k set unpacks to ~4 GB in ~140k barely compressible JPEGs: these leave it ample room.
-    max_bytes: int = 20_000_000_000  # total uncompressed size of an archive's entries (20 GB)
-    max_entries: int = 500_000  # files and folders in an archive
-    max_ratio: float = 100.0  # uncompressed size / archive size: JPEGs ~1, text ~10, zip bombs 1000
-
-    def __post_init__(self) -> None:
-        if min(self.max_bytes, self.max_entries, self.max_ratio) <= 0:
-            raise ParamsError("download.max_bytes, max_entries and max_ratio must be positive")
+    max_bytes: int = positive(20_000_000_000)  # total uncompressed size of an archive's entries (20 GB)
+    max_entries: int = positive(500_000)  # files and folders in an archive
+    max_ratio: float = positive(100.0)  # uncompressed size / archive size: JPEGs ~1, text ~10, zip bombs 1000
 
 
 @dataclass(frozen=True)
-class BlurParams:
+class BlurParams(_Checked):
     prob: float = probability()
     sigma: tuple[float, float] = (0.1, 1.5)
 
 
 @dataclass(frozen=True)
-class NoiseParams:
+class NoiseParams(_Checked):
     prob: float = probability()
     sigma: tuple[float, float] = (1.0, 8.0)  # std of Gaussian noise, in 0-255 pixel units
 
 
 @dataclass(frozen=True)
-class PreprocessParams:
+class PreprocessParams(_Checked):
     image_size: int = 224
     min_source_size: int = 64  # smaller images are quarantined, not upscaled
     limit_per_class: int = 0  # 0 keeps every image; N keeps the first N per split and class
     splits: tuple[str, ...] = ("train",)  # splits that get blur and noise
     # Off by default: without them valid AUC and accuracy were higher for each of three seeds (the
-    # README's Experiments); set a prob (e.g. 0.2) to train on degraded copies as well.
+    # docs/experiments.md); set a prob (e.g. 0.2) to train on degraded copies as well.
     blur: BlurParams = field(default_factory=BlurParams)
     noise: NoiseParams = field(default_factory=NoiseParams)
 
 
-ARCHS = ("cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
-         "efficientnet_lite0")
-
-
 @dataclass(frozen=True)
-class ModelParams:
-    arch: str = "efficientnet_lite0"  # cnn (our own) | a torchvision backbone | efficientnet_lite0 (see ARCHS)
+class ModelParams(_Checked):
+    arch: Arch = "efficientnet_lite0"  # cnn (our own) | a torchvision backbone | efficientnet_lite0 (see ARCHS)
     pretrained: str = "imagenet"  # backbone weights: none | imagenet | path of a state dict
     # cnn: one conv block per entry, depth and width. Five single-conv blocks (32-256) reached valid
     # AUC 0.87 where four double-conv ones (16-128) reached 0.81, for 12 % more time per epoch
-    # (README "Experiments").
+    # (docs/experiments.md).
     channels: tuple[int, ...] = (32, 64, 128, 256, 256)
     convs_per_block: int = 1  # cnn
     batch_norm: bool = True  # cnn
     hidden: int = 128  # cnn: width of the hidden fully connected layer
     dropout: float = 0.2  # before the final linear layer(s)
 
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ParamsError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-
 
 @dataclass(frozen=True)
-class JpegParams:
+class JpegParams(_Checked):
     prob: float = probability()
     quality: tuple[float, float] = (50.0, 95.0)  # JPEG quality range
 
 
 @dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(_Checked):
     """Online augmentation of training batches, drawn per sample every epoch (see augment.py)."""
 
     hflip: float = probability(0.5)  # probability of a horizontal flip; faces are left-right symmetric
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area share range; [1, 1] turns it off
-    # Online blur, noise and JPEG are off by default (the README's ablation); preprocess keeps its own.
+    # Online blur, noise and JPEG are off by default (the ablation in docs/experiments.md); preprocess keeps its own.
     blur: BlurParams = field(default_factory=BlurParams)
     noise: NoiseParams = field(default_factory=NoiseParams)
     jpeg: JpegParams = field(default_factory=JpegParams)
@@ -125,9 +141,9 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    epochs: int = 10
-    batch_size: int = 64
+class TrainParams(_Checked):
+    epochs: int = at_least(1, 10)
+    batch_size: int = at_least(1, 64)
     lr: float = 1e-3
     weight_decay: float = 0.05  # AdamW's, on weights only (never on norms and biases)
     label_smoothing: float = 0.1  # cross-entropy towards (1 - e, e) instead of one-hot targets
@@ -135,40 +151,24 @@ class TrainParams:
     device: str = "auto"  # auto (every CUDA device, else CPU) | cpu | cuda | cuda:N
     # An exponential moving average of the weights (torchvision's --model-ema), its time constant in
     # epochs; 0 = off. Validation, the best checkpoint and the saved model then use the average.
-    ema_epochs: float = 0.0
+    ema_epochs: float = at_least(0, 0.0)
     # Autocast dtype. auto: bf16 on GPUs that support it, fp16 with loss scaling on older GPUs, fp32 on
     # CPUs; bf16: also on CPUs with bf16 instructions (AVX512-BF16, AMX); fp16 (CUDA only); fp32.
-    precision: str = "auto"
+    precision: Precision = "auto"
     augment: AugmentParams = field(default_factory=AugmentParams)
-    monitor: str = "auc"  # valid metric that picks the best checkpoint: auc | accuracy | loss
+    monitor: Literal["auc", "accuracy", "loss"] = "auc"  # valid metric that picks the best checkpoint
     # The best checkpoint is the epoch whose monitor, averaged over it and the epochs before it (this
     # many in all), is best; 1 = that epoch's alone. On a small valid split the best single epoch of a
     # noisy curve is partly a lucky draw (README, the train stage); a window of 5 picks a good stretch.
-    monitor_window: int = 5
-    scheduler: str = "cosine"  # learning-rate schedule over the epochs: cosine | constant
-    data_on_device: str = "auto"  # splits resident in device memory: auto (if they fit) | true | false
+    monitor_window: int = at_least(1, 5)
+    scheduler: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule over the epochs
+    data_on_device: Literal["auto", "true", "false"] = "auto"  # splits resident in device memory; auto: if they fit
     channels_last: bool = True  # NHWC memory layout, faster convolutions on GPUs and CPUs
     compile: bool = False  # torch.compile the model: faster steps on GPUs after a warm-up
 
-    def __post_init__(self) -> None:
-        if self.data_on_device not in ("auto", "true", "false"):
-            raise ParamsError(f"train.data_on_device must be auto, true or false, got {self.data_on_device!r}")
-        if self.monitor not in ("auc", "accuracy", "loss"):
-            raise ParamsError(f"train.monitor must be auc, accuracy or loss, got {self.monitor!r}")
-        if self.scheduler not in ("cosine", "constant"):
-            raise ParamsError(f"train.scheduler must be cosine or constant, got {self.scheduler!r}")
-        if self.precision not in PRECISIONS:
-            raise ParamsError(f"train.precision must be {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.monitor_window < 1:
-            raise ParamsError(f"train.monitor_window must be at least 1 (epochs), got {self.monitor_window}")
-        if self.ema_epochs < 0:
-            raise ParamsError(f"train.ema_epochs must be 0 (off) or more, got {self.ema_epochs}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ParamsError("train.epochs and train.batch_size must be at least 1")
-
 
 @dataclass(frozen=True)
-class RobustnessParams:
+class RobustnessParams(_Checked):
     """Perturbations of the test split, each level one row of the robustness matrix."""
 
     jpeg_quality: tuple[int, ...] = (90, 75, 50, 30)  # JPEG re-compression
@@ -178,11 +178,11 @@ class RobustnessParams:
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(_Checked):
     batch_size: int = 128
     # Chosen on the valid split: eer | max_accuracy | target_fpr | fixed. eer (false positive rate =
-    # miss rate) is steadier than max_accuracy on a small valid split (README, Results).
-    threshold_rule: str = "eer"
+    # miss rate) is steadier than max_accuracy on a small valid split (docs/experiments.md, Results).
+    threshold_rule: Literal["eer", "max_accuracy", "target_fpr", "fixed"] = "eer"
     target_fpr: float = 0.05  # target_fpr: highest recall with at most this share of real called fake
     threshold: float = 0.5  # fixed: P(fake) at or above which an image is called fake
     crop_faces: bool = True  # scorers of this model crop the largest face of photos that are not face crops
@@ -190,14 +190,9 @@ class EvaluateParams:
     mistakes: int = 16  # how many of the most confident mistakes to show
     robustness: RobustnessParams = field(default_factory=RobustnessParams)
 
-    def __post_init__(self) -> None:
-        if self.threshold_rule not in ("eer", "max_accuracy", "target_fpr", "fixed"):
-            raise ParamsError("evaluate.threshold_rule must be eer, max_accuracy, target_fpr or fixed, "
-                              f"got {self.threshold_rule!r}")
-
 
 @dataclass(frozen=True)
-class PromoteParams:
+class PromoteParams(_Checked):
     """Gates a challenger must pass to become champion (``deepfake promote``)."""
 
     min_auc: float = 0.8  # test ROC AUC at least this
@@ -207,7 +202,7 @@ class PromoteParams:
 
 
 @dataclass(frozen=True)
-class MlflowParams:
+class MlflowParams(_Checked):
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides it
     experiment: str = "deepfake-detector"
@@ -217,7 +212,7 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(_Checked):
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
     download: DownloadParams = field(default_factory=DownloadParams)
@@ -227,6 +222,20 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+
+_hints = functools.cache(typing.get_type_hints)
+_WHERE: dict[type, str] = {}  # key of each section, for messages about one built in Python: train.augment
+
+
+def _name_sections(cls: type, where: str = "") -> None:
+    for name, hint in _hints(cls).items():
+        if dataclasses.is_dataclass(hint):  # one found at two keys (BlurParams) goes by its class name
+            _WHERE[hint] = where + name if _WHERE.get(hint, where + name) == where + name else hint.__name__
+            _name_sections(hint, f"{where}{name}.")
+
+
+_name_sections(Params)
 
 
 def project_root() -> Path:
@@ -339,9 +348,8 @@ def _build(cls: type, raw: Any, where: str, partial: bool) -> Any:
     label = where or "params"
     if not isinstance(raw, dict):
         raise ParamsError(f"{label} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
+    hints = _hints(cls)
+    names = list(hints)
     unknown = sorted(set(raw) - set(names))
     if unknown:
         keys = ", ".join(f"{where}{'.' if where else ''}{k}" for k in unknown)
@@ -354,15 +362,25 @@ def _build(cls: type, raw: Any, where: str, partial: bool) -> Any:
                 raise ParamsError(f"missing parameter: {key}")
             continue
         kwargs[name] = _coerce(hints[name], raw[name], key, partial)
-        low, high = fields[name].metadata.get("range", (None, None))
-        if low is not None and not low <= kwargs[name] <= high:
-            raise ParamsError(f"{key} must be between {low:g} and {high:g}, got {kwargs[name]!r}")
+        _check(cls, name, kwargs[name], key)  # here, where the full key is known
     return cls(**kwargs)
+
+
+def _check(cls: type, name: str, value: Any, key: str) -> None:
+    """The one check of a field's declared choices (its Literal type) and range (metadata of ``checked``)."""
+    choices = typing.get_args(_hints(cls)[name]) if typing.get_origin(_hints(cls)[name]) is Literal else ()
+    if choices and value not in choices:
+        raise ParamsError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    must, test = cls.__dataclass_fields__[name].metadata.get("must", (None, None))
+    if test is not None and not test(value):
+        raise ParamsError(f"{key} must be {must}, got {value!r}")
 
 
 def _coerce(hint: Any, value: Any, key: str, partial: bool) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key, partial)
+    if typing.get_origin(hint) is Literal:  # choices of text, read as str; _check checks the choice
+        hint = str
     origin = typing.get_origin(hint)
     if isinstance(value, str) and hint is not str and value.strip():
         # Text from outside (KFP parameters arrive as strings) is read as YAML: "3" -> 3,
