@@ -20,7 +20,7 @@ from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, load_params
 from deepfake_detector.predict import overlay
 from deepfake_detector.preprocess import IMAGE_SUFFIXES
-from deepfake_detector.stages import load_detector
+from deepfake_detector.scoring import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from deepfake_detector.detector import Decision, Detector
-from deepfake_detector.evaluate import choose_threshold, compute_metrics
+from deepfake_detector.metrics import choose_threshold, compute_metrics
 from deepfake_detector.params import load_params, with_overrides
 from deepfake_detector.preprocess import load_split
-from deepfake_detector.train import fit, resolve_device
+from deepfake_detector.device import resolve_device
+from deepfake_detector.train import fit
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from deepfake_detector import evaluate, preprocess  # noqa: E402
 from deepfake_detector.params import Params, flatten, load_params, with_overrides  # noqa: E402
 from deepfake_detector.promote import robustness_drop  # noqa: E402
-from deepfake_detector.train import fit, resolve_device  # noqa: E402
+from deepfake_detector.device import resolve_device  # noqa: E402
+from deepfake_detector.train import fit  # noqa: E402
 
 COLUMNS = ("valid_auc", "valid_accuracy", "test_auc", "test_accuracy", "eer", "jpeg_q50_up_drop",
            "blur_s1_down_drop", "worst_robustness_drop")

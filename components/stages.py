@@ -2,9 +2,11 @@
 
 Each function body is what runs in the container: it rebuilds :class:`Params` from the flat
 ``params`` dict, which holds exactly its stage's keys (dotted, as ``deepfake_detector.contract``
-lists them; the others keep their defaults, unread), calls the matching
-``deepfake_detector.stages`` function on the KFP artifact paths (train runs ``deepfake train``
+lists them; the others keep their defaults, unread), calls the ``run`` of the matching
+``deepfake_detector.stages`` module on the KFP artifact paths (train runs ``deepfake train``
 under torchrun instead, one process per GPU) and records what it produced as artifact metadata.
+Evaluate hands its output folder (metrics, ``detector.json``, the model card, plots) to register
+as an artifact: the decision is made once.
 KFP ships the body as source, so imports live inside it (and annotations must stay real types:
 no ``from __future__ import annotations`` here).
 """
@@ -12,25 +14,25 @@ no ``from __future__ import annotations`` here).
 from types import SimpleNamespace
 
 from kfp import dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
 def download(params: dict, raw: Output[Dataset]) -> str:
     """Fetch ``data.source`` (Kaggle, URL, path, or ``dvc:REPO@REV``); returns the data version."""
-    from deepfake_detector import stages
     from deepfake_detector.contract import from_stage_params
+    from deepfake_detector.stages import download as stage
 
-    info = stages.download(from_stage_params("download", params), raw.path)
+    info = stage.run(from_stage_params("download", params), raw.path)
     raw.metadata.update({"source": info["source"], "files": info["files"], **info.get("dvc", {})})
     return (info.get("dvc") or {}).get("md5") or info["source"]
 
 
 def preprocess(params: dict, raw: Input[Dataset], processed: Output[Dataset]) -> None:
     """Validate, resize and degrade the raw images into memory-mappable arrays."""
-    from deepfake_detector import stages
     from deepfake_detector.contract import from_stage_params
+    from deepfake_detector.stages import preprocess as stage
 
-    meta = stages.preprocess(from_stage_params("preprocess", params), raw.path, processed.path)
+    meta = stage.run(from_stage_params("preprocess", params), raw.path, processed.path)
     processed.metadata.update({split: s["images"] for split, s in meta["splits"].items()})
     processed.metadata["quarantined"] = meta["quarantined"]
 
@@ -51,16 +53,15 @@ def train(params: dict, processed: Input[Dataset], nproc_per_node: int, checkpoi
     import yaml
 
     from deepfake_detector.contract import from_stage_params
-    from deepfake_detector.distributed import torchrun_command
+    from deepfake_detector.distributed import train_command
     from deepfake_detector.params import to_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         # `deepfake train` reads a params file: the run's train params, the rest (unread) defaults.
         params_file = Path(tmp) / "params.yaml"
         params_file.write_text(yaml.safe_dump(to_dict(from_stage_params("train", params))))
-        command = torchrun_command(nproc_per_node, [
-            "train", "--params", str(params_file), "--data", processed.path, "--out", model.path,
-            "--checkpoint-dir", checkpoint_dir or str(Path(tmp) / "checkpoints")])
+        command = train_command(nproc_per_node, params_file, processed.path, model.path,
+                                checkpoint_dir or Path(tmp) / "checkpoints")
         process = subprocess.Popen(command)
         # A preempted pod's SIGTERM, when it reaches this process: pass it on, so torchrun's workers
         # checkpoint before they stop.
@@ -77,21 +78,22 @@ def train(params: dict, processed: Input[Dataset], nproc_per_node: int, checkpoi
     return run["run_id"] or ""
 
 
-def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metrics: Output[Metrics],
-             classification: Output[ClassificationMetrics]) -> float:
-    """Score the test split and log it to the training run; returns the test ROC AUC for the gate."""
+def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], evaluation: Output[Artifact],
+             metrics: Output[Metrics], classification: Output[ClassificationMetrics]) -> float:
+    """Score the test split and log it to the training run; ``evaluation`` gets the metrics, plots,
+    the decision settings (``detector.json``) and the model card. Returns the test ROC AUC for the gate."""
     import json
-    import tempfile
     from pathlib import Path
 
-    from deepfake_detector import stages
     from deepfake_detector.contract import from_stage_params
     from deepfake_detector.params import flatten
+    from deepfake_detector.stages import evaluate as stage
 
-    with tempfile.TemporaryDirectory() as out:
-        result = stages.evaluate(from_stage_params("evaluate", params), processed.path, model.path, Path(out),
-                                 register=False)
-        roc = json.loads((Path(out) / "plots" / "roc.json").read_text())["roc"]
+    result = stage.run(from_stage_params("evaluate", params), processed.path, model.path, Path(evaluation.path),
+                       register_model=False)
+    roc = json.loads((Path(evaluation.path) / "plots" / "roc.json").read_text())["roc"]
+    decision = json.loads((Path(evaluation.path) / "detector.json").read_text())
+    evaluation.metadata.update({"threshold": decision["threshold"], "threshold_rule": decision["rule"]})
     for key, value in flatten(result).items():
         metrics.log_metric(key, value)
     if roc:
@@ -102,12 +104,12 @@ def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], metri
     return float(result["roc_auc"])
 
 
-def register(params: dict, model: Input[Model], metrics: Input[Metrics]) -> str:
-    """Register the model in MLflow and point the alias at it; returns the version."""
-    from deepfake_detector import stages
+def register(params: dict, model: Input[Model], evaluation: Input[Artifact]) -> str:
+    """Register the model with evaluate's decision settings and model card; returns the version."""
     from deepfake_detector.contract import from_stage_params
+    from deepfake_detector.stages import register as stage
 
-    return stages.register_model(from_stage_params("register", params), model.path, metrics.metadata) or ""
+    return stage.run(from_stage_params("register", params), model.path, evaluation.path) or ""
 
 
 def build(image: str) -> SimpleNamespace:

@@ -81,7 +81,7 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
                                 model=train.outputs["model"]).set_display_name("evaluate")
         with dsl.If(evaluate.outputs["Output"] >= channels["mlflow.register_min_auc"], name="auc-gate"):
             register = ops.register(params=params["register"], model=train.outputs["model"],
-                                    metrics=evaluate.outputs["metrics"]).set_display_name("register")
+                                    evaluation=evaluate.outputs["evaluation"]).set_display_name("register")
         # data.source is a run parameter, but caching is set at compile time: download is cached
         # only when the compiled default is pinned (its bytes fixed by its name); a Kaggle dataset
         # or a folder read again may have changed. A run given another source keeps this choice.

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from conftest import ROOT, make_dataset
-from deepfake_detector import stages
 from deepfake_detector.contract import PIPELINE, STAGES, Stage, from_stage_params, param_name, stage_params
 from deepfake_detector.data import pinned
 from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
+from deepfake_detector.stages import download, evaluate, preprocess, register, train
 
 PACKAGE = ROOT / "src" / "deepfake_detector"
 DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -70,66 +70,44 @@ def test_dvc_stages_follow_the_contract():
         assert dvc["cmd"].split()[:3] == ["PYTHONPATH=src", "deepfake", stage.name]  # the checkout's own code
 
 
-def imported_module(node: ast.Import | ast.ImportFrom, alias: ast.alias) -> str | None:
-    """The module of this package that ``alias`` of an import statement brings in, if any."""
-    if isinstance(node, ast.Import):
-        name = alias.name
-    elif node.module == "deepfake_detector":
-        name = f"deepfake_detector.{alias.name}"
-    else:
-        name = node.module or ""
+def module_files(name: str, imported: str | None = None) -> set[str]:
+    """The package files (relative to the package) that importing ``name`` (dotted), or ``imported``
+    from it, runs: the module itself and the ``__init__.py`` of every package on its path."""
     parts = name.split(".")
-    if parts[0] == "deepfake_detector" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").exists():
-        return parts[1]
-    return None
-
-
-def package_imports(node: ast.AST) -> set[str]:
-    """The package modules imported anywhere under ``node``, function bodies included."""
-    return {module for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))
-            for alias in n.names if (module := imported_module(n, alias))}
-
-
-def stage_modules(function: str) -> set[str]:
-    """stages.py and the package modules its ``function`` reaches there.
-
-    stages.py holds every stage, so it is read per function: the imported names the function uses,
-    its own imports, the same for each stages.py function it calls, and whatever stages.py's
-    module-level code (not imports or functions) uses, which runs for every stage.
-    """
-    tree = ast.parse((PACKAGE / "stages.py").read_text())
-    bound: dict[str, set[str]] = {}  # name bound by a top-level import -> its modules
-    functions, module_code = {}, []
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                if module := imported_module(node, alias):
-                    bound.setdefault(alias.asname or alias.name.split(".")[0], set()).add(module)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            functions[node.name] = node
+    if parts[0] != "deepfake_detector":
+        return set()
+    parts = parts[1:] + ([imported] if imported else [])
+    files = set()
+    for depth in range(len(parts) + 1):
+        folder = "/".join(parts[:depth])
+        if (PACKAGE / folder / "__init__.py").exists():
+            files.add(f"{folder}/__init__.py".lstrip("/"))
+        elif depth and (PACKAGE / f"{folder}.py").exists():
+            files.add(f"{folder}.py")
+            break
         else:
-            module_code.append(node)
-    modules, todo, seen = {"stages"}, [*module_code, functions[function]], {function}
+            break  # a name inside a module (a function or class), not a module
+    return files
+
+
+def package_imports(path: Path) -> set[str]:
+    """The package files that the imports in ``path`` run, at any depth (function bodies included)."""
+    files = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            files |= {f for alias in node.names for f in module_files(alias.name)}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            files |= {f for alias in node.names for f in module_files(node.module, alias.name)}
+    return files
+
+
+def import_closure(stage: str) -> set[str]:
+    """The package files that running ``stages/<stage>.py`` imports, at any depth (each module
+    counts whole: which of its functions a stage calls is not followed)."""
+    reached = {"__init__.py", "stages/__init__.py", f"stages/{stage}.py"}
+    todo = sorted(reached)
     while todo:
-        node = todo.pop()
-        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-        modules |= package_imports(node) | {m for name in names for m in bound.get(name, ())}
-        for name in sorted(names & functions.keys() - seen):
-            seen.add(name)
-            todo.append(functions[name])
-    return modules
-
-
-def import_closure(function: str) -> set[str]:
-    """What :func:`stage_modules` finds, and every package module those import, at any depth.
-
-    Past stages.py a module counts whole, all its imports included (which of its functions a stage
-    calls is not followed). cli.py, which parses arguments and prints, is no stage code.
-    """
-    reached = stage_modules(function)
-    todo = sorted(reached - {"stages"})
-    while todo:
-        found = package_imports(ast.parse((PACKAGE / f"{todo.pop()}.py").read_text())) - reached
+        found = package_imports(PACKAGE / todo.pop()) - reached
         reached |= found
         todo += sorted(found)
     return reached
@@ -139,16 +117,34 @@ def import_closure(function: str) -> set[str]:
 def test_dvc_code_deps_are_the_stage_import_closure(stage):
     """A change to any module a stage runs reruns it under `dvc repro`, and no other change does."""
     listed = {d for d in dvc_paths(DVC_STAGES[stage.name].get("deps", [])) if d.startswith("src/")}
-    expected = {f"src/deepfake_detector/{module}.py" for module in import_closure(stage.function)}
+    expected = {f"src/deepfake_detector/{module}" for module in import_closure(stage.name)}
     assert listed == expected, (f"dvc.yaml {stage.name} deps: add {sorted(expected - listed)}, "
                                 f"remove {sorted(listed - expected)}")
 
 
-def test_import_closure_follows_the_stage_function_only():
-    """stages.py is read per function: download does not depend on the training code it never runs."""
-    assert stage_modules("download") == {"stages", "data", "params"}
-    assert not {"train", "tracking", "evaluate"} & import_closure("download")
-    assert "tracking" in import_closure("train")
+def test_import_closure_holds_only_what_the_stage_runs():
+    """Editing a plot, the model card, the robustness matrix, promotion or the scoring helpers reruns
+    no stage before evaluate; editing the model reruns train and evaluate; download and preprocess
+    never depend on training code."""
+    closure = {stage.name: import_closure(stage.name) for stage in PIPELINE}
+    for module in ("plots.py", "card.py", "robustness.py", "promote.py", "scoring.py", "detector.py",
+                   "evaluate.py", "stages/evaluate.py", "stages/register.py"):
+        assert module not in closure["download"] | closure["preprocess"] | closure["train"], module
+    assert {"plots.py", "card.py", "robustness.py"} <= closure["evaluate"]
+    assert "model.py" in closure["train"] and "model.py" in closure["evaluate"]
+    assert "model.py" not in closure["download"] | closure["preprocess"]
+    assert not {"train.py", "tracking.py", "metrics.py"} & (closure["download"] | closure["preprocess"])
+    assert {"metrics.py", "tracking.py"} <= closure["train"]
+    assert not {"promote.py", "scoring.py", "cli.py"} & set().union(*closure.values())
+
+
+def test_import_closure_follows_submodules_and_functions():
+    source = PACKAGE / "stages" / "evaluate.py"
+    assert {"stages/register.py", "evaluate.py", "atomic.py", "__init__.py", "stages/__init__.py"} <= package_imports(source)
+    assert module_files("deepfake_detector.stages", "register") == {"__init__.py", "stages/__init__.py",
+                                                                   "stages/register.py"}
+    assert module_files("deepfake_detector.metrics", "compute_metrics") == {"__init__.py", "metrics.py"}
+    assert module_files("numpy") == set()
 
 
 # --- MLproject ---------------------------------------------------------------------------------
@@ -302,11 +298,11 @@ def test_stages_read_only_their_params_and_write_only_their_outputs(tmp_path, mo
     path = {p: root / p for p in ("data/raw", "data/processed", "models", "eval")}
     results = {}
     run = {
-        "download": lambda p: stages.download(p, path["data/raw"]),
-        "preprocess": lambda p: stages.preprocess(p, path["data/raw"], path["data/processed"], workers=1),
-        "train": lambda p: stages.train(p, path["data/processed"], path["models"]),
-        "evaluate": lambda p: stages.evaluate(p, path["data/processed"], path["models"], path["eval"]),
-        "register": lambda p: stages.register_model(p, path["models"], flatten(results["evaluate"])),
+        "download": lambda p: download.run(p, path["data/raw"]),
+        "preprocess": lambda p: preprocess.run(p, path["data/raw"], path["data/processed"], workers=1),
+        "train": lambda p: train.run(p, path["data/processed"], path["models"]),
+        "evaluate": lambda p: evaluate.run(p, path["data/processed"], path["models"], path["eval"]),
+        "register": lambda p: register.run(p, path["models"], path["eval"]),
     }
     files = lambda: {f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file()}  # noqa: E731
     outside: list[str] = []

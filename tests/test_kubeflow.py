@@ -97,6 +97,22 @@ def test_spec_has_the_stages_in_order_and_the_gate(spec):
                if n not in ("condition-1", "download"))
 
 
+
+def test_register_reads_evaluates_decision_and_takes_no_param_of_another_stage(spec):
+    """The decision is made once: register consumes evaluate's output folder (detector.json, the
+    model card, metrics) as an artifact, and its only params are its own (MLflow's registry keys)."""
+    register = spec["pipeline"]["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
+    gate_inputs = spec["pipeline"]["root"]["dag"]["tasks"]["condition-1"]["inputs"]["artifacts"]
+    # Inside the AUC gate a task's artifact is the gate's input, which names the producing task.
+    produced = {name: (a["taskOutputArtifact"]["producerTask"], a["taskOutputArtifact"]["outputArtifactKey"])
+                for name, a in gate_inputs.items()}
+    artifacts = {name: produced[a["componentInputArtifact"]] for name, a in register["inputs"]["artifacts"].items()}
+    assert artifacts == {"model": ("train", "model"), "evaluation": ("evaluate", "evaluation")}
+    params = register["inputs"]["parameters"]["params"]["runtimeValue"]["constant"]
+    assert params and all(key.startswith("mlflow.") for key in params), sorted(params)
+    evaluate_outputs = spec["pipeline"]["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert {"evaluation", "metrics", "classification"} <= set(evaluate_outputs)
+
 def test_spec_requests_a_gpu_for_training_only(spec):
     executors = spec["pipeline"]["deploymentSpec"]["executors"]
     train = executors["exec-train"]["container"]
@@ -111,7 +127,7 @@ def test_spec_requests_a_gpu_for_training_only(spec):
 def test_spec_trains_under_torchrun_with_retries_and_shared_memory(spec):
     task, constants, container, platform = train_step(spec)
     assert constants == {"nproc_per_node": 1, "checkpoint_dir": ""}  # one GPU; no volume, so no resume
-    assert "torchrun_command(nproc_per_node" in container["command"][-1]
+    assert "train_command(nproc_per_node" in container["command"][-1]
     assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s"
     assert platform["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory"}]
     assert "pvcMount" not in platform

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from deepfake_detector.evaluate import calibration, choose_threshold, compute_metrics, full_report
+from deepfake_detector.metrics import calibration, choose_threshold, compute_metrics, full_report
 
 
 def test_metrics_match_sklearn_on_random_scores():

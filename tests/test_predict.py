@@ -224,3 +224,26 @@ def test_folder_scan_does_not_follow_a_link_loop(tmp_path):
     synthetic_face(1, 0, 32).save(tmp_path / "faces" / "sub" / "a.png")
     (tmp_path / "faces" / "sub" / "loop").symlink_to(tmp_path / "faces", target_is_directory=True)
     assert list(iter_images([tmp_path / "faces"])) == [tmp_path / "faces" / "sub" / "a.png"]
+
+
+def test_a_model_not_yet_evaluated_refuses_what_preprocess_quarantines(tmp_path, synthetic_processed):
+    """min_source_size travels in model.pt from the data's meta.json: with no detector.json yet, an 8x8
+    image is refused by predict, not labelled."""
+    from deepfake_detector.params import Params, with_overrides
+    from deepfake_detector.scoring import predict_paths
+    from deepfake_detector.stages import train
+
+    assert json.loads((synthetic_processed / "meta.json").read_text())["params"]["min_source_size"] == 16
+    p = with_overrides(Params(), ["model.arch=cnn", "model.pretrained=none", "model.channels=[4]", "model.hidden=4",
+                                  "train.epochs=1", "train.batch_size=16", "train.device=cpu", "mlflow.enabled=false"])
+    train.run(p, synthetic_processed, tmp_path / "models")
+    assert not (tmp_path / "models" / "detector.json").exists() and not (tmp_path / "eval").exists()
+    synthetic_face(1, 0, size=8).save(tmp_path / "tiny.png")
+    synthetic_face(1, 0, size=32).save(tmp_path / "face.png")
+    summary = predict_paths(p, [tmp_path / "tiny.png", tmp_path / "face.png"], str(tmp_path / "models"),
+                            tmp_path / "preds.csv", crop_faces=False)
+    assert (summary["unreadable"], summary["fake"] + summary["real"]) == (1, 1)
+    with (tmp_path / "preds.csv").open() as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert rows["tiny.png"]["label"] == "" and "16" in rows["tiny.png"]["error"], rows["tiny.png"]
+    assert rows["face.png"]["label"] in ("real", "fake")

@@ -206,18 +206,18 @@ def test_mlflow_server_down_mid_run_loses_no_metric(processed, tmp_path):
 
 
 def test_torchrun_two_processes_train_once_with_one_run(processed, tmp_path):
-    from deepfake_detector.distributed import torchrun_command
-    from deepfake_detector.evaluate import compute_metrics
+    from deepfake_detector.batches import Batches
+    from deepfake_detector.distributed import SINGLE, train_command
+    from deepfake_detector.metrics import compute_metrics
     from deepfake_detector.model import load_checkpoint as load
     from deepfake_detector.preprocess import load_split
     from deepfake_detector.train import validate
-    from deepfake_detector.batches import Batches
-    from deepfake_detector.distributed import SINGLE
 
     out = tmp_path / "models"
     db = tmp_path / "mlflow.db"
-    args = train_cmd(processed, out)[3:]  # drop "python -m deepfake_detector.cli"
-    result = subprocess.run(torchrun_command(2, args), cwd=tmp_path, env=env(f"sqlite:///{db}"),
+    overrides = [*SMALL[1::2], "mlflow.enabled=true", "mlflow.experiment=resume-tests"]  # train_cmd's -S values
+    result = subprocess.run(train_command(2, ROOT / "params.yaml", processed, out, overrides=overrides), cwd=tmp_path,
+                            env=env(f"sqlite:///{db}"),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("epoch ")] == [

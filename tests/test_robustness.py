@@ -8,8 +8,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from conftest import synthetic_face
+from deepfake_detector.degrade import blur, jpeg, noise, rescale
 from deepfake_detector.params import RobustnessParams
-from deepfake_detector.robustness import blur, jpeg, noise, perturbations, rescale
+from deepfake_detector.robustness import perturbations
 
 IMAGE = np.asarray(synthetic_face(1, 3, 64))  # has a pixel-level checkerboard: high frequencies to lose
 

@@ -11,6 +11,7 @@ import torch
 
 from conftest import FLIPS_ONLY
 from deepfake_detector import augment, train
+from deepfake_detector.device import resolve_device
 from deepfake_detector.errors import UserError
 from deepfake_detector.model import load_checkpoint
 from deepfake_detector.params import ModelParams, TrainParams
@@ -68,11 +69,11 @@ def test_same_seed_same_weights(tmp_path, synthetic_processed):
 
 
 def test_device_resolution():
-    assert train.resolve_device("cpu").type == "cpu"
-    assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
-            train.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -142,7 +143,7 @@ def test_weight_average_is_what_is_validated_and_saved(tmp_path, synthetic_proce
     from deepfake_detector.batches import Batches
     from deepfake_detector.checkpoint import CheckpointStore
     from deepfake_detector.distributed import SINGLE
-    from deepfake_detector.evaluate import compute_metrics
+    from deepfake_detector.metrics import compute_metrics
     from deepfake_detector.preprocess import load_split
 
     assert train.ema_decay(2.0, 10) ** 20 == pytest.approx(math.exp(-1))  # time constant: 2 epochs of 10 steps
@@ -174,7 +175,7 @@ def test_ddp_batches_split_each_global_batch_without_duplicates():
 
 
 def test_data_on_device_reads_yaml_booleans():
-    from deepfake_detector.params import ParamsError, with_overrides, Params
+    from deepfake_detector.params import Params, ParamsError, with_overrides
 
     assert with_overrides(Params(), ["train.data_on_device=true"]).train.data_on_device == "true"
     with pytest.raises(ParamsError, match="data_on_device"):
@@ -242,7 +243,7 @@ def test_validation_never_augments(tmp_path, synthetic_processed):
     """Valid scores of the saved best model equal a plain pass over the valid split."""
     from deepfake_detector.batches import Batches
     from deepfake_detector.distributed import SINGLE
-    from deepfake_detector.evaluate import compute_metrics
+    from deepfake_detector.metrics import compute_metrics
     from deepfake_detector.preprocess import load_split
 
     train.fit(synthetic_processed, tmp_path, MODEL, TrainParams(epochs=2, batch_size=16), torch.device("cpu"),

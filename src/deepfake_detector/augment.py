@@ -11,14 +11,13 @@ on the device, on the float batch. Evaluation never augments.
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.nn.functional as F
 
+from deepfake_detector import degrade
 from deepfake_detector.params import AugmentParams
 
 Plan = dict[str, torch.Tensor]
@@ -50,17 +49,14 @@ def draw(params: AugmentParams, n: int, generator: torch.Generator) -> Plan:
 
 
 def jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """Re-compress the uint8 NHWC CPU images whose ``quality`` is above 0, at that quality (Pillow's
-    libjpeg, as the robustness rows do)."""
+    """Re-compress the uint8 NHWC CPU images whose ``quality`` is above 0, at that quality
+    (:func:`degrade.jpeg`, as the robustness rows do)."""
     chosen = quality.nonzero().flatten().tolist()
     if not chosen:
         return images
     images = images.clone()
     for i in chosen:
-        buffer = io.BytesIO()
-        Image.fromarray(images[i].numpy()).save(buffer, format="JPEG", quality=int(quality[i]))
-        buffer.seek(0)
-        images[i] = torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))
+        images[i] = torch.from_numpy(np.array(degrade.jpeg(images[i].numpy(), int(quality[i]))))
     return images
 
 

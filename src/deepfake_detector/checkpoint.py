@@ -1,4 +1,4 @@
-"""Atomic files and resumable training checkpoints.
+"""Resumable training checkpoints.
 
 A checkpoint holds everything a run needs to go on as if never stopped: model, optimizer,
 scheduler and scaler state, position (epoch, and the step inside it when stopped by a signal),
@@ -14,48 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
+
+from deepfake_detector.atomic import replacing_file
 
 NAME = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.pt$")
 KEEP = 2
 
 
-@contextmanager
-def _replacing(path: Path, mode: str) -> Iterator[IO]:
-    """A temporary file beside ``path`` to write; once written, synced and renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private (0600); the result is an ordinary file
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` so that ``path`` holds the previous content or the new one, never half of it."""
-    with _replacing(path, "wb") as f:
+    with replacing_file(path, "wb") as f:
         torch.save(obj, f)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    with _replacing(path, "w") as f:
-        f.write(text)
 
 
 def data_fingerprint(processed_dir: Path, splits: tuple[str, ...] = ("train", "valid")) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """``deepfake <stage>``: the one entry point that DVC, MLproject and the Kubeflow train step call
-(the other KFP components call :mod:`deepfake_detector.stages` directly, the same functions).
+(the other KFP components call the :mod:`deepfake_detector.stages` modules directly, the same functions).
 
 Compiling and submitting the Kubeflow pipeline is ``deepfake-pipeline`` (``pipeline/cli.py``): the
 core never imports kfp."""
@@ -23,45 +23,55 @@ def show_progress() -> bool:
 
 
 def cmd_download(p: Params, args: argparse.Namespace) -> None:
-    from deepfake_detector import stages
+    from deepfake_detector.stages import download
 
-    info = stages.download(p, args.out)
-    print(f"downloaded {info['kind']} source {info['source']} to {args.out}: {json.dumps(info['files'])}")
+    report_download(download.run(p, args.out), args.out)
+
+
+def report_download(info: dict, out: Path) -> None:
+    print(f"downloaded {info['kind']} source {info['source']} to {out}: {json.dumps(info['files'])}")
     if info.get("skipped_links"):
         print(f"skipped {len(info['skipped_links'])} links that lead out of the source or to a folder: "
               f"{', '.join(info['skipped_links'][:10])}{' ...' if len(info['skipped_links']) > 10 else ''}")
 
 
 def cmd_preprocess(p: Params, args: argparse.Namespace) -> None:
-    from deepfake_detector import stages
+    from deepfake_detector.stages import preprocess
 
-    meta = stages.preprocess(p, args.raw, args.out, args.workers, show_progress())
+    report_preprocess(preprocess.run(p, args.raw, args.out, args.workers, show_progress()), args.out)
+
+
+def report_preprocess(meta: dict, out: Path) -> None:
     for split, s in meta["splits"].items():
         print(f"{split}: {s['images']} images ({s['real']} real, {s['fake']} fake), "
               f"{s['quarantined']} quarantined {s['quarantine_reasons'] or ''}")
     if meta["quarantined"]:
-        print(f"quarantined {meta['quarantined']} files: see {Path(args.out) / 'quarantine.csv'}")
+        print(f"quarantined {meta['quarantined']} files: see {Path(out) / 'quarantine.csv'}")
 
 
 def cmd_train(p: Params, args: argparse.Namespace) -> None:
+    train(p, args.data, args.out, args.checkpoint_dir, args.params, args.overrides)
+
+
+def train(p: Params, data: Path, out: Path, checkpoint_dir: Path | None, params_file: Path,
+          overrides: list[str]) -> None:
+    """The train stage in this process, or (``train.device: auto`` on a multi-GPU machine) the same
+    command once per GPU under torchrun."""
     import subprocess
 
-    from deepfake_detector import distributed, stages
-    from deepfake_detector.train import auto_processes
+    from deepfake_detector import distributed
+    from deepfake_detector.device import auto_processes
+    from deepfake_detector.stages import train as stage
 
     world = distributed.from_env()
     processes = auto_processes(p.train.device)
     if processes > 1 and not world.distributed:
-        # `train.device: auto` on a multi-GPU machine: the same command, once per GPU, under torchrun.
-        argv = ["train", "--params", str(args.params), *[f"--set={o}" for o in args.overrides],
-                "--data", str(args.data), "--out", str(args.out)]
-        if args.checkpoint_dir:
-            argv += ["--checkpoint-dir", str(args.checkpoint_dir)]
-        code = subprocess.run(distributed.torchrun_command(processes, argv)).returncode
+        command = distributed.train_command(processes, params_file, data, out, checkpoint_dir, overrides)
+        code = subprocess.run(command).returncode
         if code:
             raise SystemExit(code)
         return
-    s = stages.train(p, args.data, args.out, show_progress(), checkpoint_dir=args.checkpoint_dir)
+    s = stage.run(p, data, out, show_progress(), checkpoint_dir=checkpoint_dir)
     if not world.main:
         return
     print(f"best epoch {s['best_epoch']}: valid accuracy {s['best_valid_accuracy']:.4f}, "
@@ -77,27 +87,34 @@ def figure(value: object) -> str:
 
 
 def cmd_evaluate(p: Params, args: argparse.Namespace) -> None:
-    from deepfake_detector import stages
+    if (Path(args.data) / "meta.json").exists():  # a preprocessed dataset: the pipeline's stage
+        from deepfake_detector.stages import evaluate
+
+        metrics = evaluate.run(p, args.data, args.model, args.out)
+    else:  # any labelled folder or CSV, scored with a stored model
+        from deepfake_detector.scoring import evaluate_folder
+
+        metrics = evaluate_folder(p, args.data, str(args.model), args.out, args.threshold, args.root)
+    report_evaluate(p, metrics, args.out)
+
+
+def report_evaluate(p: Params, metrics: dict, out: Path) -> None:
     from deepfake_detector.params import flatten
 
-    if (Path(args.data) / "meta.json").exists():  # a preprocessed dataset: the pipeline's stage
-        metrics = stages.evaluate(p, args.data, args.model, args.out)
-    else:  # any labelled folder or CSV, scored with a stored model
-        metrics = stages.evaluate_folder(p, args.data, str(args.model), args.out, args.threshold, args.root)
     version = metrics.pop("registered_version", None)
     robustness = metrics.pop("robustness", {})
     print("test: " + ", ".join(f"{k} {figure(v)}" for k, v in flatten(metrics).items()))
     for name, row in robustness.items():
         print(f"  {name:>14}: AUC {figure(row['auc'])}  accuracy {figure(row['accuracy'])}")
-    print(f"metrics and plots in {args.out}")
+    print(f"metrics and plots in {out}")
     if version:
         print(f"registered {p.mlflow.model_name} version {version} as @{p.mlflow.alias}")
 
 
 def cmd_promote(p: Params, args: argparse.Namespace) -> None:
-    from deepfake_detector import stages
+    from deepfake_detector.promote import promote
 
-    result = stages.promote(p, dry_run=args.dry_run, force=args.force)
+    result = promote(p, dry_run=args.dry_run, force=args.force)
     for reason in result["reasons"]:
         print(f"  {reason}")
     target = f"{p.mlflow.model_name} version {result['version']}"
@@ -112,24 +129,24 @@ def cmd_promote(p: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_predict(p: Params, args: argparse.Namespace) -> None:
-    from deepfake_detector import stages
+    from deepfake_detector.scoring import predict_paths
 
-    summary = stages.predict_paths(p, args.paths, args.model, args.out, args.threshold,
-                                   False if args.no_face_crop else None,
-                                   show_progress())
+    summary = predict_paths(p, args.paths, args.model, args.out, args.threshold,
+                            False if args.no_face_crop else None, show_progress())
     print(f"{summary['images']} images: {summary['fake']} fake, {summary['real']} real "
           f"(threshold {summary['threshold']:.4f}), {summary['unreadable']} unreadable -> {args.out}")
 
 
 def cmd_run(p: Params, args: argparse.Namespace) -> None:
     """All four stages in order, with the default paths (what MLproject's ``main`` runs)."""
+    from deepfake_detector.stages import download, evaluate, preprocess
+
     root = Path(args.root)
     raw, processed, models, evaluation = root / "data/raw", root / "data/processed", root / "models", root / "eval"
-    cmd_download(p, argparse.Namespace(out=raw))
-    cmd_preprocess(p, argparse.Namespace(raw=raw, out=processed, workers=args.workers))
-    cmd_train(p, argparse.Namespace(data=processed, out=models, checkpoint_dir=None, params=args.params,
-                                    overrides=args.overrides))
-    cmd_evaluate(p, argparse.Namespace(data=processed, model=models, out=evaluation, threshold=None, root=None))
+    report_download(download.run(p, raw), raw)
+    report_preprocess(preprocess.run(p, raw, processed, args.workers, show_progress()), processed)
+    train(p, processed, models, None, args.params, args.overrides)
+    report_evaluate(p, evaluate.run(p, processed, models, evaluation), evaluation)
 
 
 def common_options() -> argparse.ArgumentParser:

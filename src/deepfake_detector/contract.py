@@ -15,10 +15,10 @@ from deepfake_detector.params import Params, ParamsError, flatten, from_flat
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: the :mod:`deepfake_detector.stages` function that runs it and what it reads and writes."""
+    """One stage: its module in :mod:`deepfake_detector.stages` (whose ``run`` does it) and what it
+    reads and writes."""
 
     name: str
-    function: str
     params: tuple[str, ...]  # top-level keys or sections and dotted keys, as dvc.yaml lists them
     inputs: tuple[str, ...] = ()  # data paths as dvc.yaml names them; code dependencies come from imports
     outputs: tuple[str, ...] = ()
@@ -28,22 +28,21 @@ class Stage:
 _TRACKING = ("mlflow.enabled", "mlflow.tracking_uri", "mlflow.experiment")
 _REGISTRY = ("mlflow.model_name", "mlflow.alias", "mlflow.register_min_auc")
 
-DOWNLOAD = Stage("download", "download", ("data", "download"), outputs=("data/raw",))
-PREPROCESS = Stage("preprocess", "preprocess", ("seed", "preprocess"), ("data/raw",), ("data/processed",))
-TRAIN = Stage("train", "train", ("seed", "model", "train", *_TRACKING), ("data/processed",),
+DOWNLOAD = Stage("download", ("data", "download"), outputs=("data/raw",))
+PREPROCESS = Stage("preprocess", ("seed", "preprocess"), ("data/raw",), ("data/processed",))
+TRAIN = Stage("train", ("seed", "model", "train", *_TRACKING), ("data/processed",),
               ("models/model.pt", "models/run.json", "models/train.json", "models/history.csv"))
 EVALUATE = Stage(
-    "evaluate", "evaluate", ("seed", "evaluate", *_TRACKING, *_REGISTRY),
+    "evaluate", ("seed", "evaluate", *_TRACKING, *_REGISTRY),
     ("data/processed", "models/model.pt", "models/run.json", "models/history.csv"),
     ("eval/model_card.md", "eval/detector.json", "eval/metrics.json", "eval/plots/predictions.csv",
      "eval/plots/roc.json", "eval/plots/pr.json", "eval/plots/calibration.json", "eval/plots/robustness.json",
      "eval/plots/images"))
-# A Kubeflow step of its own; under DVC and MLproject the evaluate stage registers. Without the
-# evaluate stage's detector.json it rebuilds the decision settings from these params.
-REGISTER = Stage("register", "register_model",
-                 ("evaluate.threshold_rule", "evaluate.crop_faces", "preprocess.min_source_size",
-                  "mlflow.enabled", "mlflow.tracking_uri", *_REGISTRY),
-                 ("models/model.pt", "models/run.json", "eval/metrics.json"))
+# A Kubeflow step of its own; under DVC and MLproject the evaluate stage registers. It reads the
+# decision settings and model card that evaluate wrote, and no param of another stage.
+REGISTER = Stage("register", ("mlflow.enabled", "mlflow.tracking_uri", *_REGISTRY),
+                 ("models/model.pt", "models/run.json", "eval/metrics.json", "eval/detector.json",
+                  "eval/model_card.md"))
 
 PIPELINE = (DOWNLOAD, PREPROCESS, TRAIN, EVALUATE)  # the stages of dvc.yaml and MLproject, in order
 STAGES = {stage.name: stage for stage in (*PIPELINE, REGISTER)}

@@ -21,14 +21,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
 import yaml
 
+from deepfake_detector.atomic import replace_dir
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import DownloadParams, resolve
 
@@ -91,61 +91,6 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(staging, out_dir)
     return info
-
-
-@contextmanager
-def replacing_dir(out: Path, outputs: Collection[str]) -> Iterator[Path]:
-    """A new folder ``<out>.tmp-<pid>`` beside ``out`` for a stage to write into; it replaces ``out``
-    once the block succeeds, so a crash leaves the previous complete outputs (or none), never a mix.
-
-    ``outputs`` are the names the stage writes: an ``out`` holding anything else (a user's folder)
-    is refused, not replaced. Siblings left by a killed run are removed first.
-    """
-    out = Path(out).resolve()  # `.` has no name; and a link's target is what gets replaced
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is not a folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in outputs) if out.is_dir() else []
-    if foreign:
-        raise UserError(f"{out} holds files this stage does not write ({', '.join(foreign[:5])}), and it "
-                        "replaces the folder as a whole: choose a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{out.name}.tmp-"
-    for stale in out.parent.iterdir():  # a live pid's folder is a concurrent run's, not ours to delete
-        pid = stale.name.removeprefix(prefix).removesuffix(".old")
-        if stale.name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = out.with_name(f"{prefix}{os.getpid()}")
-    staging.mkdir()
-    try:
-        yield staging
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Rename the complete folder ``new`` to ``target`` (on the same file system); a previous
-    ``target`` is moved aside first and deleted only once ``new`` is in place."""
-    if target.exists():
-        old = new.with_name(f"{new.name}.old")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process's own leftover: it is not writing there now
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
 
 
 def pinned(source: str, sha256: str = "") -> bool:

@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from deepfake_detector.model import DeepfakeNet, load_checkpoint, to_input
+from deepfake_detector.params import EvaluateParams
 from deepfake_detector.predict import Prepared, prepare
 
 DECISION_FILE = "detector.json"
+
+
+def read_file(path: Path | str) -> bytes:
+    return Path(path).read_bytes()
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,12 @@ class Decision:
     rule: str = "default"  # how the threshold was chosen (evaluate.threshold_rule), or "default"
     crop_faces: bool = True  # crop the largest face of a photo that is not a tight face crop
     min_source_size: int = 1  # images smaller than this (either side, before any crop) are refused
+
+    @classmethod
+    def chosen(cls, threshold: float, params: EvaluateParams, min_source_size: int) -> Decision:
+        """The settings the evaluate stage hands on: ``threshold`` chosen on valid by
+        ``params.threshold_rule``, its face-crop policy, and the data's ``min_source_size``."""
+        return cls(threshold, params.threshold_rule, params.crop_faces, min_source_size)
 
     @classmethod
     def read(cls, path: Path) -> Decision:
@@ -84,17 +96,18 @@ class Detector:
                         device: torch.device | None = None, notice=print) -> Detector:
         """A ``model.pt`` (or a folder holding one) with its decision settings: ``decision`` if given,
         else ``detector.json`` beside the checkpoint, else ``../eval/detector.json`` (the pipeline
-        workspace), else the defaults (threshold 0.5), which ``notice`` announces."""
+        workspace), else the defaults (threshold 0.5, which ``notice`` announces, and the minimum
+        source size of the data the model was trained on)."""
         path = Path(path)
         checkpoint = path / "model.pt" if path.is_dir() else path
-        model, _ = load_checkpoint(checkpoint)
+        model, ckpt = load_checkpoint(checkpoint)
         if not isinstance(decision, Decision):
             candidates = [decision] if decision else [checkpoint.parent / DECISION_FILE,
                                                       checkpoint.parent.parent / "eval" / DECISION_FILE]
             found = next((Path(c) for c in candidates if Path(c).is_file()), None)
             if found is None:
                 notice(f"no {DECISION_FILE} for {checkpoint} (run the evaluate stage): threshold 0.5")
-            decision = Decision.read(found) if found else Decision()
+            decision = Decision.read(found) if found else Decision(min_source_size=ckpt.get("min_source_size", 1))
         return cls(model, decision, f"local {checkpoint}", device)
 
     @classmethod
@@ -127,26 +140,34 @@ class Detector:
     def label(self, p_fake: float) -> str:
         return "fake" if p_fake >= self.threshold else "real"
 
-    def score_files(self, paths: list[Path], crop_faces: bool | None = None
-                    ) -> tuple[np.ndarray, dict[Path, str], list[int]]:
-        """P(fake) of each readable file, the reason each other file was not scored, and the indices
-        of the scored ones.
+    def score(self, items: Sequence[Any], read: Callable[[Any], bytes] = read_file,
+              crop_faces: bool | None = None) -> tuple[np.ndarray, list[str]]:
+        """P(fake) of each item (NaN where not scored) and one reason per item ("" where scored).
 
-        Files are decoded and scored ``batch_size`` at a time and only the scores kept, so memory
-        stays flat however many files there are (a 100k-face set).
+        ``read`` turns an item (a path; a base64 string when serving) into image bytes. Items are
+        read and scored ``batch_size`` at a time and only the scores kept, so memory stays flat
+        however many there are (a 100k-face set). An item that cannot be read or is not a usable
+        image gets its reason and does not stop the others.
         """
-        scores, errors, kept = [], {}, []
-        for start in range(0, len(paths), self.batch_size):
-            images = []
-            for i, path in enumerate(paths[start:start + self.batch_size], start):
+        p_fake, errors = np.full(len(items), np.nan, dtype=np.float32), [""] * len(items)
+        for start in range(0, len(items), self.batch_size):
+            images, rows = [], []
+            for i in range(start, min(start + self.batch_size, len(items))):
                 try:
-                    images.append(self.prepare(Path(path).read_bytes(), crop_faces).array)
-                    kept.append(i)
-                except (ValueError, OSError) as exc:
-                    errors[Path(path)] = str(exc)
+                    images.append(self.prepare(read(items[i]), crop_faces).array)
+                    rows.append(i)
+                except (ValueError, OSError, TypeError) as exc:  # binascii.Error is a ValueError
+                    errors[i] = str(exc) or type(exc).__name__
             if images:
-                scores.append(self.predict(np.stack(images)))
-        return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), errors, kept
+                p_fake[rows] = self.predict(np.stack(images))
+        return p_fake, errors
+
+    def score_files(self, paths: Sequence[Path], crop_faces: bool | None = None
+                    ) -> tuple[np.ndarray, dict[Path, str], list[int]]:
+        """:meth:`score` of files, as (scores of the readable ones, reason per other file, their indices)."""
+        p_fake, errors = self.score(paths, crop_faces=crop_faces)
+        kept = [i for i, e in enumerate(errors) if not e]
+        return p_fake[kept], {Path(paths[i]): e for i, e in enumerate(errors) if e}, kept
 
     def explain(self, array: np.ndarray) -> np.ndarray:
         """Grad-CAM of P(fake) on the last feature map before global pooling: an (S, S) map in [0, 1],

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,7 +96,12 @@ def sync_buffers(model: torch.nn.Module, world: World) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    """``torchrun`` on this node with ``nproc`` processes, each running ``deepfake ARGS``."""
+def train_command(nproc: int, params_file: Path, data: Path, out: Path, checkpoint_dir: Path | str | None = None,
+                  overrides: Sequence[str] = ()) -> list[str]:
+    """``deepfake train`` on this node under ``torchrun``, ``nproc`` processes (one per GPU)."""
+    args = ["train", "--params", str(params_file), *[f"--set={o}" for o in overrides], "--data", str(data),
+            "--out", str(out)]
+    if checkpoint_dir:
+        args += ["--checkpoint-dir", str(checkpoint_dir)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "deepfake_detector.cli", *args]

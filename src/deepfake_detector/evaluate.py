@@ -1,7 +1,7 @@
-"""Score a model: ranking, threshold and calibration metrics, a robustness matrix, plot data.
+"""Evaluate a trained model on the test split: metrics (see :mod:`~deepfake_detector.metrics`),
+the robustness matrix, plot data and PNGs, and the decision settings it hands to every scorer.
 
-The positive class is ``fake`` (label 1): precision and recall are about catching fakes. The
-decision threshold is chosen on the validation split (``evaluate.threshold_rule``) and then applied
+The decision threshold is chosen on the validation split (``evaluate.threshold_rule``) and then applied
 to the test split, so the test metrics are not tuned on the test data.
 """
 
@@ -20,96 +20,14 @@ from sklearn import metrics as skm
 from deepfake_detector import plots
 from deepfake_detector.data import CLASSES
 from deepfake_detector.detector import DECISION_FILE, Decision, Detector
+from deepfake_detector.metrics import NEVER, calibration, choose_threshold, compute_metrics, full_report
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.robustness import perturbations
 
-NEVER = float(np.nextafter(1.0, 2.0))  # a threshold no probability reaches: nothing is called fake
 # What an evaluation writes into its folder, the stages' model card and unreadable-file list
 # included: the folder is replaced as a whole, and one holding anything else is refused.
 OUTPUTS = ("metrics.json", "plots", DECISION_FILE, "model_card.md", "unreadable.csv")
-
-
-def choose_threshold(labels: np.ndarray, p_fake: np.ndarray, rule: str, target_fpr: float = 0.05,
-                     fixed: float = 0.5) -> float:
-    """The P(fake) threshold that ``rule`` picks on these (validation) scores.
-
-    ``eer``: where the false positive rate (real faces called fake) meets the miss rate (fakes
-    called real); ``max_accuracy``: the highest accuracy; ``target_fpr``: the highest recall whose
-    false positive rate stays at or below ``target_fpr``; ``fixed``: ``fixed``.
-    """
-    if rule == "fixed":
-        return fixed
-    labels = np.asarray(labels).astype(int)
-    if len(np.unique(labels)) < 2:
-        return fixed  # no ROC without both classes
-    if rule == "eer":
-        return float(min(_equal_error_point(labels, p_fake)[1], NEVER))
-    fpr, tpr, thresholds = skm.roc_curve(labels, p_fake, drop_intermediate=False)
-    thresholds = np.minimum(thresholds, NEVER)  # sklearn's first threshold is inf
-    if rule == "max_accuracy":
-        positives = labels.sum()
-        accuracy = (tpr * positives + (1 - fpr) * (len(labels) - positives)) / len(labels)
-        return float(thresholds[int(np.argmax(accuracy))])
-    if rule == "target_fpr":
-        allowed = np.flatnonzero(fpr <= target_fpr)
-        return float(thresholds[allowed[int(np.argmax(tpr[allowed]))]])
-    raise ValueError(f"unknown threshold rule {rule!r}")
-
-
-def equal_error_rate(labels: np.ndarray, p_fake: np.ndarray) -> float:
-    """The rate where false positives (real called fake) equal false negatives (fakes missed)."""
-    return _equal_error_point(labels, p_fake)[0]
-
-
-def _equal_error_point(labels: np.ndarray, p_fake: np.ndarray) -> tuple[float, float]:
-    """(equal error rate, the threshold at which it occurs): the ROC point nearest FPR = FNR."""
-    fpr, tpr, thresholds = skm.roc_curve(labels, p_fake)
-    fnr = 1 - tpr
-    i = int(np.argmin(np.abs(fnr - fpr)))
-    return float((fpr[i] + fnr[i]) / 2), float(thresholds[i])
-
-
-def calibration(labels: np.ndarray, p_fake: np.ndarray, bins: int) -> list[dict]:
-    """Reliability-diagram rows: per equal-width bin of P(fake), mean prediction vs share of fakes."""
-    index = np.minimum((np.asarray(p_fake) * bins).astype(int), bins - 1)
-    rows = []
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            rows.append({"bin": (b + 0.5) / bins, "mean_p_fake": float(np.mean(p_fake[mask])),
-                         "fraction_fake": float(np.mean(labels[mask])), "count": int(mask.sum())})
-    return rows
-
-
-def compute_metrics(labels: np.ndarray, p_fake: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Threshold metrics at ``threshold``, ranking metrics (AUC, AP, EER), calibration and counts."""
-    labels = np.asarray(labels).astype(int)
-    p_fake = np.asarray(p_fake, dtype=np.float64)
-    pred = (p_fake >= threshold).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
-    both = len(np.unique(labels)) == 2  # ranking metrics need both classes present
-    return {
-        "n": int(len(labels)), "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
-        "threshold": float(threshold),
-        "accuracy": float(skm.accuracy_score(labels, pred)),
-        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
-        "recall": float(skm.recall_score(labels, pred, zero_division=0)),
-        "f1": float(skm.f1_score(labels, pred, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(labels, p_fake)) if both else float("nan"),
-        "average_precision": float(skm.average_precision_score(labels, p_fake)) if both else float("nan"),
-        "eer": equal_error_rate(labels, p_fake) if both else float("nan"),
-        "brier": float(skm.brier_score_loss(labels, p_fake, pos_label=1)),
-        "log_loss": float(skm.log_loss(labels, p_fake, labels=[0, 1])),
-        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
-    }
-
-
-def full_report(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
-    """Metrics at the chosen threshold, plus the threshold metrics at 0.5 for comparison."""
-    at_half = compute_metrics(labels, p_fake, 0.5)
-    return {**compute_metrics(labels, p_fake, threshold),
-            "at_0.5": {k: at_half[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}}
 
 
 def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluateParams, device: torch.device,

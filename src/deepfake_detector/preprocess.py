@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, find_split_root, iter_files, replacing_dir
+from deepfake_detector.atomic import replacing_dir
+from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, find_split_root, iter_files
+from deepfake_detector.degrade import blur, noise
 from deepfake_detector.params import PreprocessParams, to_dict
 
 NPY_HEADER_BYTES = 128  # room for any (N, S, S, 3) shape; the header is padded to this size
@@ -63,10 +65,9 @@ def degrade(image: np.ndarray, params: PreprocessParams, seed: int, key: str) ->
     blur_sigma = float(blur_sigma) if do_blur else 0.0
     noise_sigma = float(noise_sigma) if do_noise else 0.0
     if blur_sigma > 0:
-        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=blur_sigma)))
+        image = blur(image, blur_sigma)
     if noise_sigma > 0:
-        noisy = image.astype(np.float32) + rng.normal(0.0, noise_sigma, image.shape).astype(np.float32)
-        image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+        image = noise(image, noise_sigma, rng)
     return image, blur_sigma, noise_sigma
 
 

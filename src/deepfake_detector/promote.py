@@ -1,8 +1,12 @@
-"""The gates a challenger model must pass to replace the champion."""
+"""``deepfake promote``: the gates a challenger model must pass to replace the champion, and the
+alias move that records the decision."""
 
 from __future__ import annotations
 
-from deepfake_detector.params import PromoteParams
+import time
+
+from deepfake_detector.errors import UserError
+from deepfake_detector.params import Params, PromoteParams
 
 
 def robustness_drop(metrics: dict[str, float]) -> float | None:
@@ -39,3 +43,28 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
         reasons.append(f"{'pass' if ok else 'FAIL'}: worst robustness AUC drop {drop:.4f} "
                        f"{'<=' if ok else '>'} max_robustness_drop {gates.max_robustness_drop}")
     return passed, reasons
+
+
+def promote(p: Params, dry_run: bool = False, force: bool = False) -> dict:
+    """Move ``promote.alias`` (champion) to the ``mlflow.alias`` (challenger) version if it passes the gates.
+
+    The decision and its reasons are recorded as tags on the challenger version (not in a dry run).
+    """
+    from deepfake_detector.tracking import alias_version, move_alias  # MLflow: only when promoting
+
+    challenger = alias_version(p.mlflow, p.mlflow.alias)
+    if challenger is None:
+        raise UserError(f"no {p.mlflow.model_name}@{p.mlflow.alias} to promote: run the pipeline first")
+    champion = alias_version(p.mlflow, p.promote.alias)
+    if champion and champion[0] == challenger[0]:
+        return {"version": challenger[0], "decision": "unchanged", "reasons": ["already the champion"]}
+    passed, reasons = decide(challenger[1], champion[1] if champion else None, p.promote)
+    decision = "promoted" if passed else ("forced" if force else "rejected")
+    result = {"version": challenger[0], "champion_before": champion[0] if champion else None,
+              "decision": decision, "reasons": reasons, "dry_run": dry_run}
+    if not dry_run:
+        tags = {"promotion.decision": decision, "promotion.reasons": "; ".join(reasons),
+                "promotion.compared_with": champion[0] if champion else "none",
+                "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        move_alias(p.mlflow, p.promote.alias if decision != "rejected" else "", challenger[0], tags)
+    return result

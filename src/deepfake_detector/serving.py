@@ -10,7 +10,6 @@ row does not fail the request: it gets its reason in ``error`` and no score.
 from __future__ import annotations
 
 import base64
-import binascii
 
 import mlflow
 import numpy as np
@@ -20,24 +19,20 @@ from mlflow.pyfunc import PythonModel
 from deepfake_detector.detector import Decision, Detector
 
 
+def decode(value: str) -> bytes:
+    """A request row's base64 image; binascii.Error (a ValueError) or TypeError when it is not one."""
+    return base64.b64decode(value, validate=True)
+
+
 class ImageModel(PythonModel):
     def load_context(self, context) -> None:
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"],
                                                  Decision.read(context.artifacts["decision"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        arrays, kept, errors = [], [], [""] * len(model_input)
-        for i, value in enumerate(model_input["image"]):
-            try:
-                arrays.append(self.detector.prepare(base64.b64decode(value, validate=True)).array)
-                kept.append(i)
-            except (ValueError, TypeError, binascii.Error) as exc:
-                errors[i] = str(exc) or type(exc).__name__
-        p_fake = np.full(len(model_input), np.nan)
-        if arrays:
-            p_fake[kept] = self.detector.predict(np.stack(arrays))
+        p_fake, errors = self.detector.score(list(model_input["image"]), read=decode)
         labels = [self.detector.label(p) if not e else "" for p, e in zip(p_fake, errors)]
-        return pd.DataFrame({"p_fake": p_fake, "label": labels, "error": errors})
+        return pd.DataFrame({"p_fake": p_fake.astype(np.float64), "label": labels, "error": errors})
 
 
 mlflow.models.set_model(ImageModel())

@@ -31,11 +31,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from deepfake_detector import augment, distributed
+from deepfake_detector.atomic import write_text as atomic_write_text
 from deepfake_detector.batches import Batches, resident_choice
-from deepfake_detector.checkpoint import CheckpointStore, atomic_write_text
+from deepfake_detector.checkpoint import CheckpointStore
 from deepfake_detector.distributed import SINGLE, World
 from deepfake_detector.errors import Stopped, UserError
-from deepfake_detector.evaluate import compute_metrics
+from deepfake_detector.metrics import compute_metrics
 from deepfake_detector.model import build_model, save_checkpoint, to_input
 from deepfake_detector.params import ModelParams, TrainParams, to_dict
 from deepfake_detector.preprocess import load_split
@@ -44,26 +45,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 # Params that change how fast training runs, never what it computes: a checkpoint made with other
 # values of these is still resumed (e.g. a preempted GPU run continued on another node).
 SPEED_ONLY = ("device", "data_on_device", "compile")
-
-
-def resolve_device(name: str, world: World = SINGLE) -> torch.device:
-    """``auto`` picks CUDA when present (this rank's GPU under torchrun), else CPU; an explicit
-    CUDA request without CUDA is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", world.local_rank)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'")
-    if device.type == "cuda" and world.distributed:
-        return torch.device("cuda", world.local_rank)
-    return device
-
-
-def auto_processes(name: str) -> int:
-    """How many training processes ``train.device`` asks for: every GPU for ``auto``, else one."""
-    return torch.cuda.device_count() if name == "auto" and torch.cuda.is_available() else 1
 
 
 def run_config(seed: int, model: ModelParams, params: TrainParams, data: dict[str, str]) -> dict[str, Any]:
@@ -261,14 +242,16 @@ class Trainer:
 def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: TrainParams,
         device: torch.device, seed: int, on_epoch: EpochCallback | None = None, progress: bool = True,
         store: CheckpointStore | None = None, resume: dict[str, Any] | None = None,
-        world: World = SINGLE, extra_state: dict[str, Any] | None = None) -> dict:
+        world: World = SINGLE, extra_state: dict[str, Any] | None = None, min_source_size: int = 1) -> dict:
     """Train for ``params.epochs``; rank 0 writes ``model.pt`` (best epoch), ``history.csv`` and
     ``train.json`` to ``out_dir``.
 
     ``store`` receives a checkpoint at the end of every epoch (with ``extra_state``, e.g. the MLflow
     run id) and when SIGTERM/SIGINT arrives, which then raises :class:`Stopped`; ``resume`` (a
     checkpoint from it) continues that run. ``on_epoch(epoch, metrics)`` is called on rank 0 before
-    each epoch's checkpoint (tracking hooks in here). Returns the best epoch's metrics and the time.
+    each epoch's checkpoint (tracking hooks in here). ``min_source_size`` (the data's) is saved in
+    ``model.pt`` for scorers of a model that has no decision settings yet. Returns the best epoch's
+    metrics and the time.
     """
     out_dir = Path(out_dir)
     train_x, train_y = load_split(processed_dir, "train")
@@ -350,7 +333,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
                          "log_loss": best["valid_loss"]}
         save_checkpoint(trainer.model, out_dir / "model.pt", state_dict=trainer.best_state,
-                        epoch=best["epoch"], valid=valid_at_best)
+                        epoch=best["epoch"], valid=valid_at_best, min_source_size=min_source_size)
         atomic_write_text(out_dir / "history.csv", _history_csv(trainer.history))
         atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
