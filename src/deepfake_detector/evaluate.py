@@ -44,8 +44,7 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     valid_x, valid_y = load_split(processed_dir, "valid")
     threshold = choose_threshold(valid_y, detector.predict(valid_x), params.threshold_rule, params.target_fpr,
                                  params.threshold)
-    Decision(threshold, params.threshold_rule, params.crop_faces,
-             meta["params"]["min_source_size"]).write(out_dir / DECISION_FILE)
+    Decision.chosen(threshold, params, meta["params"]["min_source_size"]).write(out_dir / DECISION_FILE)
     images, labels = load_split(processed_dir, "test")
     p_fake = detector.predict(images)
     result = full_report(labels, p_fake, threshold)
