@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from deepfake_detector.data import CLASSES, DataError, find_split_root, iter_files
+from deepfake_detector.data import CLASSES, DataError, find_data_root, iter_files
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, load_params
 from deepfake_detector.predict import overlay
@@ -50,11 +50,12 @@ def detector_for(model_uri: str, local_path: str):
 def samples(folder: Path, per_class: int = 3) -> dict[str, Path]:
     """A few test-split images of the downloaded dataset, if it is there."""
     try:
-        root = find_split_root(folder)
+        root, is_split = find_data_root(folder)
     except DataError:
         return {}
-    return {f"{cls} #{i + 1}": path for cls in CLASSES
-            for i, path in enumerate(list(iter_files(root / "test" / cls))[:per_class])}
+    test = root / "test" if is_split else root
+    return {f"{cls} #{i + 1}": path for cls in CLASSES if (test / cls).is_dir()
+            for i, path in enumerate(list(iter_files(test / cls))[:per_class])}
 
 
 def show(name: str, data: bytes, detector) -> None:

@@ -14,7 +14,7 @@ from kfp import dsl, kubernetes
 
 from components.stages import build
 from deepfake_detector.contract import STAGES, param_name, param_value, stage_params
-from deepfake_detector.data import pinned
+from deepfake_detector.sources import pinned
 from deepfake_detector.params import Params, flatten
 
 # Keys of the MLflow secret: the URI is required, the rest optional (not every server wants them).

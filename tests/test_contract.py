@@ -13,7 +13,7 @@ import yaml
 
 from conftest import ROOT, make_dataset
 from deepfake_detector.contract import PIPELINE, STAGES, Stage, from_stage_params, param_name, stage_params
-from deepfake_detector.data import pinned
+from deepfake_detector.sources import pinned
 from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
 from deepfake_detector.stages import download, evaluate, preprocess, register, train
 
@@ -249,6 +249,9 @@ def test_evaluate_param_change_keeps_the_train_step_cached(spec, tmp_path):
     ("dvc:https://github.com/org/deepfake-detector@v1.0", "", True),
     ("dvc:git@github.com:org/deepfake-detector", "", False),
     ("dvc:git@github.com:org/deepfake-detector@3f2c1a9", "", True),
+    ("{a: dvc:https://github.com/org/faces@v1, b: dvc:https://github.com/org/sd@v2}", "", True),
+    ("{a: dvc:https://github.com/org/faces@v1, b: /data/sd}", "", False),  # every source must be pinned
+    ("[/data/a.tar.gz, /data/b.tar.gz]", "ab12", False),  # data.sha256 checks a lone archive only
 ])
 def test_pinned_sources(source, sha256, expected):
     assert pinned(source, sha256) is expected

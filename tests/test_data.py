@@ -359,20 +359,36 @@ def _without_fake_in_train(root: Path) -> None:
     shutil.rmtree(root / "train" / "fake")
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda root: make_dataset(root, splits=("train", "test")), r"missing valid/ "),
-    (_without_fake_in_train, r"missing train/fake/ "),
-    (lambda root: make_dataset(root / "images", splits=(), classes=()), r"no train/, valid/ and test/ folders"),
-], ids=["no-valid", "no-train-fake", "no-splits"])
-def test_incomplete_dataset_is_refused(tmp_path: Path, out_dir: Path, build, message: str) -> None:
-    """A dataset without a split, a class folder or any splits fails with a message naming what is missing."""
+def test_dataset_without_splits_or_classes_is_refused(tmp_path: Path, out_dir: Path) -> None:
+    """A folder with neither split nor class folders fails, naming what it looked for, and leaves nothing."""
     source = tmp_path / "source"
-    build(source)
+    make_dataset(source / "images", splits=(), classes=())
     (source / "stray.jpg").write_bytes(jpeg_bytes("real"))
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=r"no \{train,valid,test\}/ or \{real,fake\}/ folders found under"):
         download(str(source), out_dir)
     assert not out_dir.exists()
     assert os.listdir(out_dir.parent) == []
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda root: make_dataset(root, splits=("train", "test")), r"split valid has no real images, split valid has no fake"),
+    (_without_fake_in_train, r"split train has no fake images across source source:"),
+], ids=["no-valid", "no-train-fake"])
+def test_incomplete_dataset_downloads_but_preprocess_names_the_split(tmp_path: Path, out_dir: Path, build,
+                                                                      message: str) -> None:
+    """A partial source is one of several (a fakes-only generator): download counts what is there, and
+    preprocess refuses a run whose splits lack a class overall, naming the split, before decoding anything."""
+    from deepfake_detector import preprocess
+    from deepfake_detector.params import PreprocessParams
+
+    source = tmp_path / "source"
+    build(source)
+    info = download(str(source), out_dir)
+    assert "valid" not in info["files"] if "valid" in message else info["files"]["train"] == {"real": 2}
+    with pytest.raises(DataError, match=message):
+        preprocess.run(out_dir, tmp_path / "processed", PreprocessParams(image_size=32), seed=0, workers=1,
+                       progress=False)
+    assert not (tmp_path / "processed").exists()
 
 
 def test_nonexistent_local_source(tmp_path: Path, out_dir: Path) -> None:

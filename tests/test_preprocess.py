@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, make_dataset, synthetic_face
 from deepfake_detector import preprocess
-from deepfake_detector.data import DataError
+from deepfake_detector.data import SPLITS, DataError
 from deepfake_detector.params import BlurParams, NoiseParams, PreprocessParams
 
 PARAMS = PreprocessParams(image_size=32, min_source_size=16)
@@ -74,7 +74,8 @@ def test_output_is_a_loadable_uint8_array_with_labels(tmp_path, dataset):
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
     assert labels.tolist() == [0] * 4 + [1] * 4  # real first, then fake
     assert meta["splits"]["valid"] == {"images": 8, "real": 4, "fake": 4, "quarantined": 0,
-                                       "quarantine_reasons": {}, "source_modes": {"RGB": 8}}
+                                       "quarantine_reasons": {}, "source_modes": {"RGB": 8},
+                                       "sources": {"default": {"real": 4, "fake": 4}}}  # no download.json: unnamed
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["params"]["image_size"] == 32
 
 
@@ -125,7 +126,7 @@ def test_missing_split_folder_is_a_clear_error(tmp_path):
     root = tmp_path / "ds"
     make_dataset(root, per_class=1)
     shutil.rmtree(root / "real_vs_fake" / "real-vs-fake" / "test")
-    with pytest.raises(DataError, match="missing test/"):
+    with pytest.raises(DataError, match="split test has no real images"):
         preprocess.run(root, tmp_path / "out", PARAMS, seed=0, workers=1, progress=False)
 
 
@@ -150,7 +151,7 @@ def test_cli_missing_split_exits_2_without_traceback(tmp_path, cli_env):
          "--raw", str(root), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, env=cli_env, timeout=120)
     assert result.returncode == 2
-    assert "missing valid/" in result.stderr and "Traceback" not in result.stderr
+    assert "split valid has no real images" in result.stderr and "Traceback" not in result.stderr
 
 
 # `deepfake` with SIGXFSZ at its default action, which kills the process outright (no cleanup, as
@@ -191,3 +192,35 @@ def test_a_run_killed_midway_leaves_the_previous_outputs_and_the_next_run_tidies
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"]  # the leftover is gone
     assert json.loads((out / "meta.json").read_text())["seed"] == 1 and digest_tree(out) != before
+
+
+def test_several_sources_keep_their_names_and_unsplit_ones_are_split_by_hash(tmp_path):
+    """Two sources, one split (real + fake) and one unsplit fakes-only: every row of index.csv names its
+    source, the unsplit one is spread over the splits by file hash, and a file keeps its split when renamed."""
+    from deepfake_detector.params import Params, with_overrides
+    from deepfake_detector.stages import download, preprocess as stage
+
+    make_dataset(tmp_path / "gan", per_class=4, size=32)
+    (tmp_path / "diffusion" / "fake").mkdir(parents=True)
+    for i in range(30):
+        png = synthetic_face(1, 100 + i, size=32)
+        png.save(tmp_path / "diffusion" / "fake" / f"{i:03d}.png")
+    p = with_overrides(Params(), [f"data.source={{gan: {tmp_path / 'gan'}, diffusion: {tmp_path / 'diffusion'}}}",
+                                  "preprocess.image_size=32", "preprocess.min_source_size=16",
+                                  "preprocess.split_ratios=[0.5, 0.25, 0.25]"])
+    download.run(p, tmp_path / "raw")
+    meta = stage.run(p, tmp_path / "raw", tmp_path / "processed", workers=1)
+    assert meta["sources"] == ["gan", "diffusion"]
+    rows = {split: list(csv.DictReader((tmp_path / "processed" / split / "index.csv").open())) for split in SPLITS}
+    diffusion = {r["path"]: split for split in SPLITS for r in rows[split] if r["source"] == "diffusion"}
+    assert len(diffusion) == 30 and set(diffusion.values()) == set(SPLITS)  # 30 files: every split gets some
+    assert all(r["source"] == "gan" for split in SPLITS for r in rows[split] if r["label"] == "0")
+    assert all(path.startswith("diffusion/fake/") for path in diffusion)  # several sources: keys carry the name
+    assert meta["splits"]["train"]["sources"]["diffusion"]["fake"] == sum(s == "train" for s in diffusion.values())
+    # Renamed, a file keeps its split: the hash is of its bytes.
+    (tmp_path / "diffusion" / "fake" / "000.png").rename(tmp_path / "diffusion" / "fake" / "zzz.png")
+    download.run(p, tmp_path / "raw")
+    stage.run(p, tmp_path / "raw", tmp_path / "processed", workers=1)
+    moved = {r["path"]: split for split in SPLITS
+             for r in csv.DictReader((tmp_path / "processed" / split / "index.csv").open()) if r["source"] == "diffusion"}
+    assert moved["diffusion/fake/zzz.png"] == diffusion["diffusion/fake/000.png"]

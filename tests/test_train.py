@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,14 @@ def test_validation_never_augments(tmp_path, synthetic_processed):
     images, labels = load_split(synthetic_processed, "valid")
     p_fake = train.validate(model, Batches(images, labels, torch.device("cpu"), False), 32, SINGLE)
     assert ckpt["valid"]["roc_auc"] == pytest.approx(compute_metrics(labels, p_fake)["roc_auc"], abs=1e-9)
+
+
+def test_balance_weights_the_classes_only_when_they_differ():
+    """train.balance auto: n / (2 n_class) when sources make the classes unequal, so each counts alike;
+    equal classes (one balanced source) keep the plain mean, and so the same numbers as before."""
+    cpu = torch.device("cpu")
+    weights = train.class_weights(np.array([0] * 2 + [1] * 6), "auto", cpu)
+    assert weights.tolist() == [2.0, pytest.approx(2 / 3)]
+    assert (weights * torch.tensor([2.0, 6.0])).tolist() == pytest.approx([4.0, 4.0])  # each class weighs alike
+    assert train.class_weights(np.array([0, 1] * 4), "auto", cpu) is None
+    assert train.class_weights(np.array([0] * 2 + [1] * 6), "none", cpu) is None

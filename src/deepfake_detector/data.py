@@ -1,9 +1,9 @@
 """Fetch the raw dataset (Kaggle, an archive URL or a local copy) and find its splits.
 
 The 140k Real and Fake Faces layout is ``real_vs_fake/real-vs-fake/{train,valid,test}/{real,fake}``;
-copies that drop the outer folders are accepted too, since :func:`find_split_root` looks for the
-folder that holds the splits. Also here: reading a labelled folder or CSV (``evaluate --data``)
-and replacing a stage's output folder only once the new one is complete.
+copies that drop the outer folders are accepted too, since :func:`find_data_root` looks for the
+folder that holds the splits; a source with only ``real/`` and/or ``fake/`` is accepted as well, and
+split by :mod:`sources`. Also here: reading a labelled folder or CSV (``evaluate --data``).
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ def download(source: str, out_dir: Path, sha256: str = "", timeout_s: float = 60
                 extract_archive(local, staging, limits)
             else:
                 skipped_links = _copy_tree(local, staging)
-        split_root = find_split_root(staging)
-        counts = {split: {cls: sum(1 for _ in iter_files(split_root / split / cls)) for cls in CLASSES}
-                  for split in SPLITS}
-        info = {"source": source, "kind": kind, "split_root": split_root.relative_to(staging).as_posix(),
+        data_root, is_split = find_data_root(staging)
+        counts = {split: {cls: sum(1 for _ in iter_files(folder / cls)) for cls in CLASSES if (folder / cls).is_dir()}
+                  for split, folder in ([(s, data_root / s) for s in SPLITS if (data_root / s).is_dir()]
+                                        if is_split else [("unsplit", data_root)])}
+        info = {"source": source, "kind": kind, "split_root": data_root.relative_to(staging).as_posix(),
                 "files": counts, **({"dvc": dvc_info} if kind == "dvc" else {}),
                 **({"skipped_links": skipped_links} if skipped_links else {})}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -107,25 +108,21 @@ def pinned(source: str, sha256: str = "") -> bool:
     return bool(sha256) and source.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def find_split_root(root: Path, max_depth: int = 4) -> Path:
-    """The folder under ``root`` holding ``train/``, ``valid/`` and ``test/`` with ``real/`` and ``fake/``."""
+def find_data_root(root: Path, max_depth: int = 4) -> tuple[Path, bool]:
+    """The shallowest folder under ``root`` with split folders (returns it, True: the 140k layout, or
+    copies that drop its outer folders) or else class folders (it, False: an unsplit source). A split
+    or class may be missing: a fakes-only source is one of several (see :mod:`sources`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     level = [root]
     for _ in range(max_depth + 1):
         for folder in level:
-            present = [s for s in SPLITS if (folder / s).is_dir()]
-            if present:
-                missing = [f"{s}/" for s in SPLITS if s not in present]
-                missing += [f"{s}/{c}/" for s in present for c in CLASSES if not (folder / s / c).is_dir()]
-                if missing:
-                    raise DataError(f"dataset at {folder} is missing {', '.join(missing)} "
-                                    f"(expected {{{','.join(SPLITS)}}}/{{{','.join(CLASSES)}}})")
-                return folder
+            for names, split in ((SPLITS, True), (CLASSES, False)):
+                if any((folder / n).is_dir() for n in names):
+                    return folder, split
         level = sorted(d for f in level for d in f.iterdir() if d.is_dir() and not d.is_symlink())
-    raise DataError(f"no train/, valid/ and test/ folders found under {root} "
-                    "(expected the 140k Real and Fake Faces layout)")
+    raise DataError(f"no {{{','.join(SPLITS)}}}/ or {{{','.join(CLASSES)}}}/ folders found under {root}")
 
 
 def iter_files(folder: Path) -> Iterator[Path]:

@@ -65,7 +65,10 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)  # train.precision
 class DataParams(_Checked):
     """Where the raw dataset comes from."""
 
-    source: str = DEFAULT_KAGGLE_SOURCE  # kaggle:OWNER/NAME, http(s)://...zip|tar, or a local path
+    # One source: kaggle:OWNER/NAME, http(s)://...zip|tar, dvc:REPO@REV or a local folder/archive; several:
+    # a list of them, or a mapping {name: source} (sources.py). A list or mapping is kept as its YAML
+    # text, so it travels as one value through DVC, MLproject, Kubeflow and MLflow.
+    source: str = field(default=DEFAULT_KAGGLE_SOURCE, metadata={"yaml_text": True})
     sha256: str = ""  # expected checksum of a URL archive; empty skips the check
 
 
@@ -99,6 +102,9 @@ class PreprocessParams(_Checked):
     min_source_size: int = 64  # smaller images are quarantined, not upscaled
     limit_per_class: int = 0  # 0 keeps every image; N keeps the first N per split and class
     splits: tuple[str, ...] = ("train",)  # splits that get blur and noise
+    # A source without train/valid/test folders is split by the sha256 of each file: these shares.
+    split_ratios: tuple[float, float, float] = checked((0.8, 0.1, 0.1), "three shares (train/valid/test) summing to 1",
+                                                       lambda v: min(v) >= 0 and abs(sum(v) - 1) < 1e-6)
     # Off by default: without them valid AUC and accuracy were higher for each of three seeds (the
     # docs/experiments.md); set a prob (e.g. 0.2) to train on degraded copies as well.
     blur: BlurParams = field(default_factory=BlurParams)
@@ -147,6 +153,9 @@ class TrainParams(_Checked):
     lr: float = 1e-3
     weight_decay: float = 0.05  # AdamW's, on weights only (never on norms and biases)
     label_smoothing: float = 0.1  # cross-entropy towards (1 - e, e) instead of one-hot targets
+    # auto: when the train split's classes are unequal (sources add fakes), weight the loss by
+    # n / (2 n_class) so that each class counts alike; none: plain mean.
+    balance: Literal["auto", "none"] = "auto"
     warmup_epochs: float = 1.0  # linear learning-rate warm-up from 0, then the schedule
     device: str = "auto"  # auto (every CUDA device, else CPU) | cpu | cuda | cuda:N
     # An exponential moving average of the weights (torchvision's --model-ema), its time constant in
@@ -198,6 +207,7 @@ class PromoteParams(_Checked):
     min_auc: float = 0.8  # test ROC AUC at least this
     max_auc_drop: float = 0.005  # and at most this much below the current champion's
     max_robustness_drop: float = 0.25  # worst robustness row's AUC at most this far below clean AUC
+    min_source_auc: float = probability(0.8)  # each source's fakes vs all reals: test ROC AUC at least this
     alias: str = "champion"
 
 
@@ -361,7 +371,10 @@ def _build(cls: type, raw: Any, where: str, partial: bool) -> Any:
             if not partial:
                 raise ParamsError(f"missing parameter: {key}")
             continue
-        kwargs[name] = _coerce(hints[name], raw[name], key, partial)
+        value = raw[name]
+        if isinstance(value, (list, dict)) and cls.__dataclass_fields__[name].metadata.get("yaml_text"):
+            value = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+        kwargs[name] = _coerce(hints[name], value, key, partial)
         _check(cls, name, kwargs[name], key)  # here, where the full key is known
     return cls(**kwargs)
 

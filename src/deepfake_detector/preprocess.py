@@ -18,19 +18,29 @@ import multiprocessing
 import os
 import struct
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import yaml
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from deepfake_detector.atomic import replacing_dir
-from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, find_split_root, iter_files
+from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS
 from deepfake_detector.degrade import blur, noise
 from deepfake_detector.params import PreprocessParams, to_dict
+from deepfake_detector.sources import (
+    DEFAULT_NAME,
+    SOURCES_FILE,
+    Entry,
+    check_classes,
+    count_classes,
+    list_images,
+    source_name,
+)
 
 NPY_HEADER_BYTES = 128  # room for any (N, S, S, 3) shape; the header is padded to this size
 OUTPUTS = ("meta.json", "quarantine.csv", *SPLITS)  # all a run writes into its output folder
@@ -46,9 +56,11 @@ IMAGE_SUFFIXES = frozenset(suffix for suffixes in IMAGE_FORMATS.values() for suf
 @dataclass(frozen=True)
 class Job:
     path: Path
-    rel: str  # path relative to the split root: the stable identity used for seeding
+    rel: str  # path relative to the source's data root
     label: int
     augment: bool
+    source: str  # the name of the source (data.source) it came from
+    key: str  # its stable identity, which seeds its degradation: ``rel``, with the source's name if several
 
 
 def degrade(image: np.ndarray, params: PreprocessParams, seed: int, key: str) -> tuple[np.ndarray, float, float]:
@@ -170,67 +182,101 @@ def _process(args: tuple[Job, PreprocessParams, int]) -> tuple[Job, np.ndarray |
         return job, None, str(exc), 0.0, 0.0
     blur = noise = 0.0
     if job.augment:
-        image, blur, noise = degrade(image, params, seed, job.rel)
+        image, blur, noise = degrade(image, params, seed, job.key)
     return job, image, mode, blur, noise
 
 
 def run(raw_dir: Path, out_dir: Path, params: PreprocessParams, seed: int, workers: int | None = None,
         progress: bool = True) -> dict:
-    """Preprocess every split of the dataset in ``raw_dir`` into ``out_dir``; returns the report.
+    """Preprocess every split of the source(s) downloaded into ``raw_dir`` into ``out_dir``; returns the report.
 
-    Everything is written into ``<out_dir>.tmp-<pid>`` first, which replaces ``out_dir`` once complete.
+    Every image keeps its source's name (``index.csv``'s ``source`` column). A split that lacks real
+    or fake images across all sources is an error naming it. Everything is written into
+    ``<out_dir>.tmp-<pid>`` first, which replaces ``out_dir`` once complete.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    split_root = find_split_root(raw_dir)
+    roots = raw_sources(raw_dir)
+    entries = {name: list_images(root, params.split_ratios) for name, root in roots.items()}
+    jobs = {split: [] for split in SPLITS}
+    for name, listed in entries.items():
+        kept: Counter = Counter()
+        for e in listed:  # sorted by split, label and path: the first N of each split and class
+            kept[e.split, e.label] += 1
+            if not params.limit_per_class or kept[e.split, e.label] <= params.limit_per_class:
+                key = e.rel if len(roots) == 1 else f"{name}/{e.rel}"
+                jobs[e.split].append(Job(e.path, e.rel, e.label, e.split in params.splits, name, key))
+    check_classes(count_classes(Entry(j.path, j.rel, j.label, split) for split in SPLITS for j in jobs[split]),
+                  roots)
     workers = workers or os.cpu_count() or 1
-    report: dict = {"image_size": params.image_size, "splits": {}, "quarantined": 0}
+    report: dict = {"image_size": params.image_size, "sources": list(roots), "splits": {}, "quarantined": 0}
     with replacing_dir(out_dir, OUTPUTS) as staging:
         with (staging / "quarantine.csv").open("w", newline="") as qf, \
                 multiprocessing.get_context("spawn").Pool(workers) as pool:
             quarantine = csv.writer(qf)
             quarantine.writerow(["path", "reason"])
             for split in SPLITS:
-                jobs = [Job(p, p.relative_to(split_root).as_posix(), label, split in params.splits)
-                        for label, cls in enumerate(CLASSES)
-                        for i, p in enumerate(iter_files(split_root / split / cls))
-                        if not params.limit_per_class or i < params.limit_per_class]
-                results = pool.imap(_process, ((j, params, seed) for j in jobs), chunksize=32)
-                bar = tqdm(results, total=len(jobs), desc=f"preprocess {split}", disable=not progress,
+                results = pool.imap(_process, ((j, params, seed) for j in jobs[split]), chunksize=32)
+                bar = tqdm(results, total=len(jobs[split]), desc=f"preprocess {split}", disable=not progress,
                            unit="img")
                 stats = _write_split(bar, staging / split, params.image_size, quarantine)
                 report["splits"][split] = stats
                 report["quarantined"] += stats["quarantined"]
-        info = raw_dir / INFO_FILE
         meta = {"params": to_dict(params), "seed": seed, "classes": list(CLASSES),
-                "download": json.loads(info.read_text()) if info.exists() else None, **report}
+                "download": _download_info(raw_dir), **report}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def raw_sources(raw_dir: Path) -> dict[str, Path]:
+    """The named source folders of a download: ``raw_dir/<name>`` per entry of its ``sources.json``,
+    else ``raw_dir`` itself, named after the source it was downloaded from."""
+    listing = raw_dir / SOURCES_FILE
+    if listing.exists():
+        return {name: raw_dir / name for name in json.loads(listing.read_text())}
+    info = raw_dir / INFO_FILE
+    location = json.loads(info.read_text()).get("source", "") if info.exists() else ""
+    return {source_name(location, strict=False) if location else DEFAULT_NAME: raw_dir}
+
+
+def _download_info(raw_dir: Path) -> dict | None:
+    """What the download stage recorded: one source's ``download.json``, or several in ``sources.json``."""
+    for name in (INFO_FILE, SOURCES_FILE):
+        if (raw_dir / name).exists():
+            info = json.loads((raw_dir / name).read_text())
+            if name == SOURCES_FILE:  # "source" as data.source writes several: a mapping's YAML text
+                info = {"source": yaml.safe_dump({n: i["source"] for n, i in info.items()}, default_flow_style=True,
+                                                 sort_keys=False, width=1 << 16).strip(), "sources": info}
+            return info
+    return None
 
 
 def _write_split(results, split_dir: Path, size: int, quarantine) -> dict:
     split_dir.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
+    per_source: dict[str, Counter] = defaultdict(Counter)
     modes: Counter = Counter()
     reasons: Counter = Counter()
     n = 0
     with (split_dir / "images.npy").open("wb") as images, (split_dir / "index.csv").open("w", newline="") as f:
         index = csv.writer(f)
-        index.writerow(["path", "label", "blur_sigma", "noise_sigma"])
+        index.writerow(["path", "label", "source", "blur_sigma", "noise_sigma"])
         images.write(b"\0" * NPY_HEADER_BYTES)
         for job, image, mode_or_reason, blur, noise in results:
             if image is None:
-                quarantine.writerow([job.rel, mode_or_reason])
+                quarantine.writerow([job.key, mode_or_reason])
                 reasons[mode_or_reason.split(":")[0]] += 1
                 continue
             images.write(image.tobytes())
-            index.writerow([job.rel, job.label, f"{blur:.4f}", f"{noise:.4f}"])
+            index.writerow([job.key, job.label, job.source, f"{blur:.4f}", f"{noise:.4f}"])
             counts[CLASSES[job.label]] += 1
+            per_source[job.source][CLASSES[job.label]] += 1
             modes[mode_or_reason] += 1
             n += 1
         images.seek(0)
         images.write(npy_header((n, size, size, 3)))
     return {"images": n, **{c: counts[c] for c in CLASSES}, "quarantined": sum(reasons.values()),
-            "quarantine_reasons": dict(reasons), "source_modes": dict(modes)}
+            "quarantine_reasons": dict(reasons), "source_modes": dict(modes),
+            "sources": {name: {c: n[c] for c in CLASSES} for name, n in sorted(per_source.items())}}
 
 
 def npy_header(shape: tuple[int, ...]) -> bytes:

@@ -157,8 +157,9 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, params: TrainParams, device: torch.device, seed: int, world: World,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, class_weights: torch.Tensor | None = None) -> None:
         self.params, self.device, self.world = params, device, world
+        self.class_weights = class_weights
         self.steps_per_epoch = steps_per_epoch
         self.model = model.to(device)
         if params.channels_last:
@@ -268,7 +269,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         torch.backends.cudnn.benchmark = True
     seed_everything(seed, world)
     steps = len(epoch_batches(torch.arange(len(train_x)), params.batch_size, world))
-    trainer = Trainer(build_model(model_params, train_x.shape[1]), params, device, seed, world, steps)
+    trainer = Trainer(build_model(model_params, train_x.shape[1]), params, device, seed, world, steps,
+                      class_weights(train_y, params.balance, device))
     if resume is not None:
         trainer.load(resume)
     net: nn.Module = trainer.model
@@ -339,6 +341,15 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     return summary
 
 
+def class_weights(labels: np.ndarray, balance: str, device: torch.device) -> torch.Tensor | None:
+    """Loss weights n / (2 n_class) that make real and fake count alike (``train.balance: auto``);
+    None (a plain mean) when the classes are already equal or balance is off."""
+    counts = np.bincount(labels, minlength=2)
+    if balance == "none" or counts[0] == counts[1] or not counts.all():
+        return None
+    return torch.tensor(len(labels) / (2 * counts), dtype=torch.float32, device=device)
+
+
 def monitor_score(history: list[dict[str, float]], key: str, window: int) -> float:
     """The mean of ``key`` over the last ``window`` epochs of ``history`` (fewer in the first ones):
     the figure that picks the best checkpoint. NaN (AUC of a one-class valid split) stays NaN."""
@@ -374,7 +385,7 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
         pos.sums = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
                     dtype=torch.int64), "seen": torch.zeros((), device=device, dtype=torch.int64)}
     batches = epoch_batches(pos.order, params.batch_size, world)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=trainer.class_weights, label_smoothing=params.label_smoothing)
     net.train()
     bar = tqdm(total=len(batches), initial=pos.step, desc=f"epoch {pos.epoch}/{params.epochs}",
                disable=not progress or not world.main, unit="batch", leave=False)
