@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, synthetic_face
+from conftest import ROOT, make_dataset, synthetic_face
 from deepfake_detector.detector import Detector
+from deepfake_detector.metrics import per_source
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ def test_folder_is_scored_and_bad_files_reported(tmp_path, model_dir):
     with (tmp_path / "out" / "unreadable.csv").open() as f:
         assert [row["path"].rsplit("/", 1)[1] for row in csv.DictReader(f)] == ["broken.jpg"]
     assert (tmp_path / "out" / "plots" / "images" / "roc.png").stat().st_size > 0
+    assert list(metrics["per_source"]) == ["other-faces"] and metrics["per_source"]["other-faces"]["n_fake"] == 6
 
 
 def test_csv_with_kaggle_style_label_str(tmp_path, model_dir):
@@ -69,6 +71,47 @@ def test_folder_without_classes_is_a_clear_error(tmp_path, model_dir):
     (tmp_path / "flat").mkdir()
     result = evaluate(tmp_path / "flat", model_dir, tmp_path / "out")
     assert result.returncode == 2 and "needs real/ and fake/" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sources_are_scored_whole_and_reported_per_source(tmp_path, model_dir):
+    """A mapping of sources as data.source takes it: one with splits (all three scored), one unsplit and
+    fakes only; per_source in metrics.json is metrics.per_source of the same scores."""
+    stylegan = make_dataset(tmp_path / "stylegan", per_class=3, size=32, nested=False)  # 9 real, 9 fake
+    sd = tmp_path / "sd-fakes"
+    (sd / "fake").mkdir(parents=True)
+    for i in range(4):
+        synthetic_face(1, 8000 + i, 32).save(sd / "fake" / f"{i}.png")
+    (sd / "fake" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    result = evaluate(f"{{stylegan: {stylegan}, sd: {sd}}}", model_dir, out, "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n_real"], metrics["n_fake"], metrics["unreadable"]) == (9, 13, 1)
+    assert list(metrics["per_source"]) == ["sd", "stylegan"]
+    assert [s["n_fake"] for s in metrics["per_source"].values()] == [4, 9]
+    assert "sd: 4 fakes, AUC" in result.stdout and "stylegan: 9 fakes, AUC" in result.stdout
+    with (out / "unreadable.csv").open() as f:
+        assert [Path(r["path"]).name for r in csv.DictReader(f)] == ["broken.png"]
+
+    with (out / "plots" / "predictions.csv").open() as f:
+        files = [Path(r["path"]) for r in csv.DictReader(f)]
+    detector = Detector.load(str(model_dir))
+    p_fake, _, kept = detector.score_files(files)
+    assert len(kept) == len(files) == 22
+    labels = np.array([int(f.parent.name == "fake") for f in files])
+    names = ["sd" if f.is_relative_to(sd) else "stylegan" for f in files]
+    for name, expected in per_source(labels, p_fake, names, 0.5).items():
+        assert metrics["per_source"][name] == pytest.approx(expected, abs=1e-6), name
+    rows = json.loads((out / "plots" / "per_source.json").read_text())["per_source"]
+    assert [(r["source"], r["n_fake"]) for r in rows] == [("sd", 4), ("stylegan", 9)]
+    assert (out / "plots" / "images" / "per_source.png").stat().st_size > 0
+
+    # One folder with splits is one source, named after it, every split scored.
+    result = evaluate(stylegan, model_dir, tmp_path / "one", "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics["n"] == 18 and list(metrics["per_source"]) == ["stylegan"]
+    assert metrics["per_source"]["stylegan"]["roc_auc"] == metrics["roc_auc"]  # all fakes are its fakes
 
 
 def kaggle_csv(path, rows):
@@ -209,3 +252,17 @@ def test_hostile_files_are_reported_or_scored_like_predict(tmp_path, model_dir):
         scored = {Path(r["path"]).name: float(r["p_fake"]) for r in csv.DictReader(f)}
     expected, _, _ = Detector.load(str(model)).score_files([tmp_path / "deep8.png"])
     assert scored["deep.png"] == pytest.approx(float(expected[0]), abs=1e-4)
+
+
+def test_processed_split_without_a_source_column_is_one_source(tmp_path):
+    """A folder preprocessed before sources were named: every test image is of meta.json's one source."""
+    from deepfake_detector.evaluate import read_index
+
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "index.csv").write_text("path,label,blur_sigma,noise_sigma\na.jpg,0,0,0\nb.jpg,1,0,0\n")
+    (tmp_path / "meta.json").write_text("{}")
+    assert read_index(tmp_path, "test") == (["a.jpg", "b.jpg"], ["default", "default"])
+    (tmp_path / "meta.json").write_text('{"sources": ["faces-mini"]}')
+    assert read_index(tmp_path, "test")[1] == ["faces-mini", "faces-mini"]
+    (tmp_path / "test" / "index.csv").write_text("path,label,source,blur_sigma,noise_sigma\na.jpg,0,ffhq,0,0\n")
+    assert read_index(tmp_path, "test") == (["a.jpg"], ["ffhq"])

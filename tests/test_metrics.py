@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from deepfake_detector.metrics import calibration, choose_threshold, compute_metrics, full_report
+from deepfake_detector.metrics import calibration, choose_threshold, compute_metrics, full_report, per_source
 
 
 def test_metrics_match_sklearn_on_random_scores():
@@ -89,3 +89,26 @@ def test_full_report_keeps_the_0_5_figures_and_calibration_rows():
     rows = calibration(labels, scores, bins=2)
     assert rows == [{"bin": 0.25, "mean_p_fake": pytest.approx(0.3125), "fraction_fake": 0.25, "count": 4},
                     {"bin": 0.75, "mean_p_fake": pytest.approx(0.825), "fraction_fake": 1.0, "count": 2}]
+
+
+def test_per_source_ranks_each_source_s_fakes_against_all_reals():
+    # Reals 0.2 and 0.4 (their sources get no entry); stylegan's fakes above both, sd's below both,
+    # gan2's one fake between them.
+    labels = np.array([0, 0, 1, 1, 1, 1, 1])
+    scores = np.array([0.2, 0.4, 0.6, 0.9, 0.1, 0.15, 0.3])
+    sources = ["ffhq", "stylegan", "stylegan", "stylegan", "sd", "sd", "gan2"]
+    m = per_source(labels, scores, sources, threshold=0.5)
+    assert list(m) == ["gan2", "sd", "stylegan"]  # by name
+    assert m["stylegan"] == {"roc_auc": 1.0, "average_precision": 1.0, "recall": 1.0, "n_fake": 2}
+    assert (m["sd"]["roc_auc"], m["sd"]["recall"], m["sd"]["n_fake"]) == (0.0, 0.0, 2)
+    # sd ranked last: precision 1/3 at recall 1/2, 2/4 at recall 1 -> AP = (1/3 + 1/2) / 2.
+    assert m["sd"]["average_precision"] == pytest.approx(5 / 12)
+    assert (m["gan2"]["roc_auc"], m["gan2"]["average_precision"], m["gan2"]["recall"]) == (0.5, 0.5, 0.0)
+    assert per_source(labels, scores, sources, threshold=0.12)["sd"]["recall"] == 0.5  # 0.15 caught, 0.1 not
+
+
+def test_per_source_without_reals_has_undefined_ranking_metrics():
+    m = per_source(np.array([1, 1, 1]), np.array([0.2, 0.7, 0.9]), np.array(["a", "b", "b"]), threshold=0.5)
+    assert np.isnan(m["a"]["roc_auc"]) and np.isnan(m["b"]["average_precision"])
+    assert (m["a"]["recall"], m["b"]["recall"], m["b"]["n_fake"]) == (0.0, 1.0, 2)
+    assert per_source(np.array([0, 0]), np.array([0.1, 0.2]), ["x", "y"], 0.5) == {}  # no fakes, no entries

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, wait_http
+from deepfake_detector.params import PromoteParams
+from deepfake_detector.promote import decide, robustness_drop
 
 NAME = "deepfake-detector"
 
@@ -110,3 +112,31 @@ def test_a_registry_that_does_not_answer_is_a_clear_error():
     assert time.monotonic() - start < 60
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "deepfake promote: error: cannot" in result.stderr
+
+
+def evaluated(sd_auc: float | None) -> dict[str, float]:
+    """Run metrics as the evaluate stage logs them (flattened), with per-source AUCs unless ``sd_auc`` is None."""
+    metrics = {"test_roc_auc": 0.95, "test_robustness.jpeg_q30.auc": 0.92, "test_robustness.blur_s0.5.auc": 0.9,
+               # A row's per-source AUCs, even of a source named "auc", are not robustness rows.
+               "test_robustness.blur_s0.5.sources.sd": 0.1, "test_robustness.jpeg_q30.sources.auc": 0.1}
+    if sd_auc is not None:
+        metrics |= {"test_per_source.stylegan.roc_auc": 0.97, "test_per_source.stylegan.recall": 0.1,
+                    "test_per_source.sd.roc_auc": sd_auc, "test_per_source.sd.n_fake": 40.0}
+    return metrics
+
+
+def test_robustness_drop_reads_only_the_rows_auc():
+    assert robustness_drop(evaluated(0.9)) == pytest.approx(0.95 - 0.9)
+
+
+def test_the_worst_source_gates_promotion():
+    gates = PromoteParams(min_source_auc=0.8)
+    passed, reasons = decide(evaluated(0.6), None, gates)
+    assert not passed and "FAIL: worst source sd's test AUC 0.6000 < min_source_auc 0.8" in reasons
+    assert sum(r.startswith("FAIL") for r in reasons) == 1  # the other gates pass
+    passed, reasons = decide(evaluated(0.85), None, gates)
+    assert passed and "pass: worst source sd's test AUC 0.8500 >= min_source_auc 0.8" in reasons
+    passed, reasons = decide(evaluated(float("nan")), None, gates)  # undefined: no reals in the test split
+    assert not passed and "FAIL: worst source sd's test AUC nan < min_source_auc 0.8" in reasons
+    passed, reasons = decide(evaluated(None), None, gates)  # a run from before sources were named
+    assert passed and reasons[-1] == "pass: no per-source metrics (one source)"

@@ -14,6 +14,16 @@ def model_card(name: str, metrics: dict, params: dict[str, Any], data: dict[str,
     table = "\n".join(f"| {k} | {v:.4f} | {'' if h is None else f'{h:.4f}'} |" for k, v, h in rows)
     robustness = "\n".join(f"| {k} | {v['auc']:.4f} | {v['accuracy']:.4f} |"
                            for k, v in metrics.get("robustness", {}).items()) or "| (not measured) | | |"
+    sources = "\n".join(f"| {k} | {v['n_fake']} | {v['roc_auc']:.4f} | {v['average_precision']:.4f} | "
+                        f"{v['recall']:.4f} |" for k, v in metrics.get("per_source", {}).items())
+    per_source = f"""
+## Per source of fakes (test split)
+Each source's fakes against all real test images; recall at the chosen threshold.
+
+| source | fakes | ROC AUC | average precision | recall |
+|---|---|---|---|---|
+{sources}
+""" if sources else ""
     data_lines = "\n".join(f"- {k}: `{v}`" for k, v in data.items() if v not in (None, ""))
     param_lines = "\n".join(f"- `{k}`: {v}" for k, v in sorted(params.items()))
     return f"""# {name}
@@ -45,7 +55,7 @@ the validation split); images at or above it are called fake.
 
 Confusion at the chosen threshold: {metrics['tn']} real kept, {metrics['fp']} real flagged,
 {metrics['fn']} fakes missed, {metrics['tp']} fakes caught.
-
+{per_source}
 ## Robustness (test split, perturbed)
 | perturbation | ROC AUC | accuracy |
 |---|---|---|

@@ -103,9 +103,15 @@ def report_evaluate(p: Params, metrics: dict, out: Path) -> None:
 
     version = metrics.pop("registered_version", None)
     robustness = metrics.pop("robustness", {})
+    sources = metrics.pop("per_source", {})
     print("test: " + ", ".join(f"{k} {figure(v)}" for k, v in flatten(metrics).items()))
+    for name, row in sources.items():
+        print(f"  {name:>14}: {row['n_fake']} fakes, AUC {figure(row['roc_auc'])}  "
+              f"AP {figure(row['average_precision'])}  recall {figure(row['recall'])}")
     for name, row in robustness.items():
-        print(f"  {name:>14}: AUC {figure(row['auc'])}  accuracy {figure(row['accuracy'])}")
+        by_source = ", ".join(f"{k} {figure(v)}" for k, v in row.get("sources", {}).items())
+        print(f"  {name:>14}: AUC {figure(row['auc'])}  accuracy {figure(row['accuracy'])}"
+              + (f"  (AUC by source: {by_source})" if len(sources) > 1 else ""))
     print(f"metrics and plots in {out}")
     if version:
         print(f"registered {p.mlflow.model_name} version {version} as @{p.mlflow.alias}")
@@ -135,6 +141,18 @@ def cmd_predict(p: Params, args: argparse.Namespace) -> None:
                             False if args.no_face_crop else None, show_progress())
     print(f"{summary['images']} images: {summary['fake']} fake, {summary['real']} real "
           f"(threshold {summary['threshold']:.4f}), {summary['unreadable']} unreadable -> {args.out}")
+
+
+def cmd_loso(p: Params, args: argparse.Namespace) -> None:
+    from deepfake_detector import loso
+    from deepfake_detector.device import resolve_device
+
+    result = loso.run(p, args.data, args.out, resolve_device(p.train.device), show_progress(), args.keep_data)
+    print("test ROC AUC of each source's fakes against all reals (* the source left out of training):")
+    print(loso.table(result, "roc_auc", bold=False), end="")
+    print(f"held-out ROC AUC: mean {figure(result['held_out_roc_auc_mean'])}, "
+          f"worst {figure(result['held_out_roc_auc_min'])}; tables in {Path(args.out) / 'loso.md'}"
+          + (f"; MLflow run {result['run_id']}" if result["run_id"] else ""))
 
 
 def cmd_run(p: Params, args: argparse.Namespace) -> None:
@@ -187,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resumable checkpoints, kept until the stage succeeds (default: OUT/.ckpt)")
     cmd = add("evaluate", cmd_evaluate, "score the model on the test split and register it, or score "
               "any labelled folder (real/, fake/) or CSV with a stored model")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"),
-                     help="preprocessed data (the pipeline), or a folder with real/ and fake/, or a CSV")
+    cmd.add_argument("--data", default="data/processed",
+                     help="preprocessed data (the pipeline); or a folder with real/ and fake/, or a CSV; or "
+                     "sources as data.source names them, scored whole and reported per source: a folder with "
+                     "{train,valid,test}/{real,fake}/, or a list or mapping such as '{stylegan: DIR, sd: DIR}'")
     cmd.add_argument("--model", default="models", help="folder with model.pt, or an MLflow model URI "
                      "(models:/deepfake-detector@champion)")
     cmd.add_argument("--out", type=Path, default=Path("eval"),
@@ -209,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = add("promote", cmd_promote, "move the champion alias to the challenger if it passes the gates")
     cmd.add_argument("--dry-run", action="store_true", help="report the decision, change nothing")
     cmd.add_argument("--force", action="store_true", help="promote even if a gate fails (recorded as forced)")
+    cmd = add("loso", cmd_loso, "leave one source out: train without each fake source in turn and score every "
+              "source's test fakes, to see whether the detector generalises to a generator it never saw")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"),
+                     help="the preprocessed splits, with at least two fake sources (default: %(default)s)")
+    cmd.add_argument("--out", type=Path, default=Path("build/loso"),
+                     help="where loso.json, loso.md and each fit's model go (default: %(default)s)")
+    cmd.add_argument("--keep-data", action="store_true",
+                     help="keep each fit's copy of the data without the left-out fakes (default: deleted once scored)")
     cmd = add("run", cmd_run, "download, preprocess, train and evaluate in one process")
     cmd.add_argument("--root", type=Path, default=Path("."), help="where data/, models/ and eval/ go")
     cmd.add_argument("--workers", type=int, default=None, help="preprocess's decode processes (default: all cores)")

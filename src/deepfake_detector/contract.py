@@ -37,7 +37,7 @@ EVALUATE = Stage(
     ("data/processed", "models/model.pt", "models/run.json", "models/history.csv"),
     ("eval/model_card.md", "eval/detector.json", "eval/metrics.json", "eval/plots/predictions.csv",
      "eval/plots/roc.json", "eval/plots/pr.json", "eval/plots/calibration.json", "eval/plots/robustness.json",
-     "eval/plots/images"))
+     "eval/plots/per_source.json", "eval/plots/images"))
 # A Kubeflow step of its own; under DVC and MLproject the evaluate stage registers. It reads the
 # decision settings and model card that evaluate wrote, and no param of another stage.
 REGISTER = Stage("register", ("mlflow.enabled", "mlflow.tracking_uri", *_REGISTRY),

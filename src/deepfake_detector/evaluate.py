@@ -20,10 +20,11 @@ from sklearn import metrics as skm
 from deepfake_detector import plots
 from deepfake_detector.data import CLASSES
 from deepfake_detector.detector import DECISION_FILE, Decision, Detector
-from deepfake_detector.metrics import NEVER, calibration, choose_threshold, compute_metrics, full_report
+from deepfake_detector.metrics import NEVER, calibration, choose_threshold, compute_metrics, full_report, per_source
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.robustness import perturbations
+from deepfake_detector.sources import DEFAULT_NAME
 
 # What an evaluation writes into its folder, the stages' model card and unreadable-file list
 # included: the folder is replaced as a whole, and one holding anything else is refused.
@@ -35,7 +36,9 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     """Evaluate on the test split with a threshold chosen on valid; writes metrics.json, plots/ and
     the decision settings every scorer of this model applies, ``detector.json``.
 
-    Returns the metrics, ``robustness`` (a row per perturbation) included.
+    Returns the metrics, ``per_source`` (each source's fakes against all reals, see
+    :func:`~deepfake_detector.metrics.per_source`) and ``robustness`` (a row per perturbation, with
+    each source's AUC under it) included.
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     meta = json.loads((Path(processed_dir) / "meta.json").read_text())
@@ -47,17 +50,30 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     Decision.chosen(threshold, params, meta["params"]["min_source_size"]).write(out_dir / DECISION_FILE)
     images, labels = load_split(processed_dir, "test")
     p_fake = detector.predict(images)
-    result = full_report(labels, p_fake, threshold)
+    paths, sources = read_index(processed_dir, "test")
+    result = {**full_report(labels, p_fake, threshold), "per_source": per_source(labels, p_fake, sources, threshold)}
     result["robustness"] = {}
     for name, transform in perturbations(params.robustness, seed):
         p = detector.predict(images, transform)
         m = compute_metrics(labels, p, threshold)
-        result["robustness"][name] = {"auc": m["roc_auc"], "accuracy": m["accuracy"]}
-    with (Path(processed_dir) / "test" / "index.csv").open() as f:
-        paths = [row["path"] for row in csv.DictReader(f)]
+        result["robustness"][name] = {"auc": m["roc_auc"], "accuracy": m["accuracy"], "sources": {
+            source: s["roc_auc"] for source, s in per_source(labels, p, sources, threshold).items()}}
     write_outputs(out_dir, result, labels, p_fake, paths, params, images=images,
                   history=model_path.parent / "history.csv")
     return result
+
+
+def read_index(processed_dir: Path, split: str) -> tuple[list[str], list[str]]:
+    """The paths and source names of a preprocessed split's images, in ``index.csv``'s order.
+
+    A folder preprocessed before sources were named has no ``source`` column: its images are all of
+    the one source ``meta.json`` names, else :data:`~deepfake_detector.sources.DEFAULT_NAME`.
+    """
+    meta = json.loads((Path(processed_dir) / "meta.json").read_text())
+    fallback = next(iter(meta.get("sources") or [DEFAULT_NAME]))
+    with (Path(processed_dir) / split / "index.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return [row["path"] for row in rows], [row.get("source") or fallback for row in rows]
 
 
 def _nan_to_null(value: object) -> object:
@@ -91,16 +107,22 @@ def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.nd
         precision, recall, _ = skm.precision_recall_curve(labels, p_fake)
         pr = [{"recall": float(r), "precision": float(p)} for p, r in zip(precision, recall)]
     reliability = calibration(labels, p_fake, params.calibration_bins)
-    robustness = [{"perturbation": k, **v} for k, v in result.get("robustness", {}).items()]
-    for name, rows in (("roc", roc), ("pr", pr), ("calibration", reliability), ("robustness", robustness)):
+    # Flat rows for DVC's plots: each source's robustness AUC stays in metrics.json.
+    robustness = [{"perturbation": k, "auc": v["auc"], "accuracy": v["accuracy"]}
+                  for k, v in result.get("robustness", {}).items()]
+    sources = [{"source": k, **v} for k, v in result.get("per_source", {}).items()]
+    files = [("roc", roc), ("pr", pr), ("calibration", reliability), ("robustness", robustness)]
+    for name, rows in files + ([("per_source", sources)] if "per_source" in result else []):
         (data / f"{name}.json").write_text(json.dumps(_nan_to_null({name: rows}), allow_nan=False) + "\n")
     if both:
         plots.roc(pngs / "roc.png", roc, result["roc_auc"])
         plots.precision_recall(pngs / "precision_recall.png", pr, result["average_precision"])
+        if sources:
+            plots.per_source(pngs / "per_source.png", sources, result["threshold"])
     else:
         print(f"warning: only {CLASSES[labels[0]]} images: ROC AUC, average precision and EER are undefined "
-              "(null in metrics.json) and the ROC and precision-recall plots are skipped; they need both classes",
-              file=sys.stderr)
+              "(null in metrics.json) and the ROC, precision-recall and per-source plots are skipped; they need "
+              "both classes", file=sys.stderr)
     plots.confusion(pngs / "confusion.png", skm.confusion_matrix(labels, pred, labels=[0, 1]), threshold)
     plots.reliability(pngs / "reliability.png", reliability, result["brier"])
     if robustness:

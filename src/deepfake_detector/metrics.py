@@ -93,3 +93,20 @@ def full_report(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dic
     at_half = compute_metrics(labels, p_fake, 0.5)
     return {**compute_metrics(labels, p_fake, threshold),
             "at_0.5": {k: at_half[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}}
+
+
+def per_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
+               threshold: float) -> dict[str, dict]:
+    """Per source of fakes, by name: its fakes against every real image of the set (ROC AUC and
+    average precision, NaN without reals), its recall at ``threshold`` and ``n_fake``.
+
+    Reals are one pool whatever their source, so each figure says how well that generator's fakes
+    stand out from the photographs; a source with reals only gets no entry.
+    """
+    labels, p_fake, sources = np.asarray(labels).astype(int), np.asarray(p_fake), np.asarray(sources)
+    result = {}
+    for name in sorted(set(sources[labels == 1].tolist())):
+        keep = (labels == 0) | (sources == name)
+        m = compute_metrics(labels[keep], p_fake[keep], threshold)
+        result[name] = {k: m[k] for k in ("roc_auc", "average_precision", "recall", "n_fake")}
+    return result

@@ -79,6 +79,20 @@ def robustness(path: Path, rows: list[dict], clean_auc: float) -> None:
     _save(fig, path)
 
 
+def per_source(path: Path, rows: list[dict], threshold: float) -> None:
+    """ROC AUC and recall at ``threshold`` of each source's fakes (rows of metrics.per_source), side by side."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(rows) + 2), 3.5))
+    x = np.arange(len(rows))
+    for offset, key, label in ((-0.2, "roc_auc", "ROC AUC vs all reals"), (0.2, "recall", f"recall at {threshold:.3f}")):
+        ax.bar(x + offset, [r[key] for r in rows], width=0.4, label=label)
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance AUC")
+    ax.set_xticks(x, [f"{r['source']}\n({r['n_fake']} fakes)" for r in rows])
+    ax.set(ylim=(0, 1.05), title="Each source's fakes against all real images")
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
 def training_curves(path: Path, history: list[dict]) -> None:
     plt = _pyplot()
     epochs = [int(r["epoch"]) for r in history]

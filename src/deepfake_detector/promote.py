@@ -3,6 +3,7 @@ alias move that records the decision."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from deepfake_detector.errors import UserError
@@ -10,9 +11,19 @@ from deepfake_detector.params import Params, PromoteParams
 
 
 def robustness_drop(metrics: dict[str, float]) -> float | None:
-    """Clean test AUC minus the worst perturbed AUC (``test_robustness.*.auc`` run metrics)."""
-    perturbed = [v for k, v in metrics.items() if k.startswith("test_robustness.") and k.endswith(".auc")]
+    """Clean test AUC minus the worst perturbed AUC (``test_robustness.<row>.auc`` run metrics; not a
+    row's per-source AUCs, ``test_robustness.<row>.sources.<source>``, whatever the source's name)."""
+    perturbed = [v for k, v in metrics.items()
+                 if k.startswith("test_robustness.") and k.endswith(".auc") and ".sources." not in k]
     return metrics["test_roc_auc"] - min(perturbed) if perturbed else None
+
+
+def worst_source(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The source whose fakes the model separates worst from the reals, and its test AUC
+    (``test_per_source.<source>.roc_auc`` run metrics; an undefined AUC counts as worst); None without any."""
+    aucs = [(k.split(".")[1], v) for k, v in metrics.items()
+            if k.startswith("test_per_source.") and k.endswith(".roc_auc") and k.count(".") == 2]
+    return min(aucs, key=lambda item: (not math.isnan(item[1]), item[1])) if aucs else None
 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None,
@@ -42,6 +53,14 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
         passed &= ok
         reasons.append(f"{'pass' if ok else 'FAIL'}: worst robustness AUC drop {drop:.4f} "
                        f"{'<=' if ok else '>'} max_robustness_drop {gates.max_robustness_drop}")
+    worst = worst_source(challenger)
+    if worst is None:
+        reasons.append("pass: no per-source metrics (one source)")
+    else:
+        ok = worst[1] >= gates.min_source_auc
+        passed &= ok
+        reasons.append(f"{'pass' if ok else 'FAIL'}: worst source {worst[0]}'s test AUC {worst[1]:.4f} "
+                       f"{'>=' if ok else '<'} min_source_auc {gates.min_source_auc}")
     return passed, reasons
 
 

@@ -8,13 +8,14 @@ import csv
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from deepfake_detector import data, evaluate
+from deepfake_detector import data, evaluate, sources
 from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.detector import Detector
 from deepfake_detector.device import resolve_device
-from deepfake_detector.metrics import full_report
+from deepfake_detector.metrics import full_report, per_source
 from deepfake_detector.params import Params
 from deepfake_detector.predict import iter_images
 
@@ -57,16 +58,48 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
     return {**counts, "threshold": detector.threshold}
 
 
-def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold: float | None = None,
+def labelled_sources(data_path: str | Path, root: Path | None = None) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """Image paths, labels and source names of ``data_path``.
+
+    A labelled folder (``real/`` and ``fake/``) or CSV (see :func:`data.labelled_files`) is one
+    source, named after it. Anything else is read as ``data.source`` is (:func:`sources.parse_sources`:
+    a folder with splits, or a list or mapping of local folders), every image of every split counted.
+    """
+    path = Path(data_path)
+    if path.is_file() or _labelled_folder(path):
+        paths, labels = data.labelled_files(path, root)
+        name = sources.source_name(str(path.with_suffix("") if path.is_file() else path), strict=False)
+        return paths, labels, np.full(len(paths), name)
+    if root is not None:
+        raise data.DataError(f"--root is for a CSV, and {data_path} is not one")
+    entries = [(name, entry) for name, location in sources.parse_sources(str(data_path)).items()
+               for entry in sources.list_images(Path(location), (1.0, 0.0, 0.0))]  # splits do not matter here
+    return ([e.path for _, e in entries], np.array([e.label for _, e in entries], dtype=np.int64),
+            np.array([name for name, _ in entries]))
+
+
+def _labelled_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder read as before: ``real/`` and ``fake/`` in it, or no dataset layout
+    at all (which :func:`data.labelled_files` reports as such)."""
+    if not path.is_dir():
+        return False
+    try:
+        return sources.find_data_root(path) == (path, False)
+    except data.DataError:
+        return True
+
+
+def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, threshold: float | None = None,
                     root: Path | None = None) -> dict:
-    """Score any labelled folder (``real/`` and ``fake/``) or CSV with a stored model; no tracking.
+    """Score any labelled folder (``real/`` and ``fake/``), CSV or set of sources (see
+    :func:`labelled_sources`) with a stored model, with metrics per source of fakes; no tracking.
 
     ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
     ``threshold``, else the model's own (its ``detector.json``). A CSV's relative paths are under
     ``root``, else found beside it (see :func:`data.labelled_files`). ``out`` is replaced only
     once complete.
     """
-    paths, labels = data.labelled_files(Path(data_path), root)
+    paths, labels, names = labelled_sources(data_path, root)
     detector = load_detector(p, model, threshold)
     with replacing_dir(out, evaluate.OUTPUTS) as staging:  # entered first: a refused --out fails fast
         p_fake, errors = detector.score(paths)
@@ -76,8 +109,9 @@ def evaluate_folder(p: Params, data_path: Path, model: str, out: Path, threshold
             first, reason = unreadable[0]
             raise data.DataError(f"none of the {len(paths)} images of {data_path} could be read ({first}: "
                                  f"{reason}): nothing to evaluate")
-        labels, p_fake = labels[kept], p_fake[kept]
-        metrics = {**full_report(labels, p_fake, detector.threshold), "unreadable": len(unreadable)}
+        labels, p_fake, names = labels[kept], p_fake[kept], names[kept]
+        metrics = {**full_report(labels, p_fake, detector.threshold),
+                   "per_source": per_source(labels, p_fake, names, detector.threshold), "unreadable": len(unreadable)}
         evaluate.write_outputs(staging, metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate)
         if unreadable:
             with (staging / "unreadable.csv").open("w", newline="") as f:

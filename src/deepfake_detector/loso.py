@@ -1,0 +1,274 @@
+"""Leave one source out: whether the detector generalises to a generator it never saw.
+
+With several named fake sources (``data.source``, see :mod:`~deepfake_detector.sources`), each one in
+turn is left out of training: the model is trained on every image except that source's fakes (its
+reals stay: a StyleGAN source also holds the FFHQ photographs), its threshold is chosen on the valid
+split filtered the same way, and it is scored on the whole test split, each source's fakes against
+all reals (:func:`~deepfake_detector.metrics.per_source`). The held-out source's AUC, the diagonal of
+the matrix, is the number that says whether the detector catches fakes of a kind it was not trained
+on; the other cells are the in-distribution control.
+
+Writes ``loso.json`` (the matrix and each fit's summary), ``loso.md`` (the matrix as a table) and
+``fits/<source>/model/`` (each fit's ``model.pt``, ``history.csv`` and ``train.json``), and logs one
+MLflow run named ``leave-one-source-out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepfake_detector.atomic import replacing_dir
+from deepfake_detector.data import CLASSES, SPLITS
+from deepfake_detector.detector import Decision, Detector
+from deepfake_detector.errors import UserError
+from deepfake_detector.metrics import choose_threshold, compute_metrics, per_source
+from deepfake_detector.params import Params, flatten
+from deepfake_detector.preprocess import load_split, npy_header
+from deepfake_detector.sources import DEFAULT_NAME
+from deepfake_detector.train import fit
+
+RUN_NAME = "leave-one-source-out"  # the MLflow run's name, and its ``check`` tag
+OUTPUTS = ("loso.json", "loso.md", "fits")  # all :func:`run` writes into its folder
+FILTERED = ("train", "valid")  # the splits a left-out source's fakes are removed from; test stays whole
+CHUNK_BYTES = 64 << 20  # images copied at a time when writing a subset
+
+
+def read_index(processed: Path, split: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns and rows of a preprocessed split's ``index.csv``; a row without a source (a folder
+    preprocessed before sources were named) gets the one source ``meta.json`` names."""
+    meta = json.loads((Path(processed) / "meta.json").read_text())
+    fallback = next(iter(meta.get("sources") or [DEFAULT_NAME]))
+    with (Path(processed) / split / "index.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    for row in rows:
+        row["source"] = row.get("source") or fallback
+    if "source" not in columns:
+        columns.append("source")
+    return columns, rows
+
+
+def fake_sources(processed: Path, split: str = "train") -> list[str]:
+    """The sources with fake images in ``split``, in order of first appearance in its index."""
+    _, rows = read_index(processed, split)
+    return list(dict.fromkeys(row["source"] for row in rows if int(row["label"]) == 1))
+
+
+def _check_processed(processed: Path) -> dict:
+    meta_file = Path(processed) / "meta.json"
+    if not meta_file.exists():
+        raise UserError(f"{meta_file} not found: run the preprocess stage first")
+    return json.loads(meta_file.read_text())
+
+
+def leave_out(processed: Path, out: Path, source: str) -> dict:
+    """A copy of the preprocessed folder ``processed`` at ``out`` without ``source``'s fakes in train
+    and valid (its reals stay); the test split is the whole one (hard-linked when possible).
+
+    The subset ``images.npy`` is written a chunk at a time, so memory stays flat however large the
+    split. ``meta.json`` is copied with its train and valid counts updated and a ``left_out`` note.
+    ``out`` is replaced only once complete. Returns ``{"source", "removed": {split: n},
+    "splits": {split: {"images", "real", "fake"}}}``.
+    """
+    processed, out = Path(processed), Path(out)
+    meta = _check_processed(processed)
+    known = {row["source"] for split in SPLITS for row in read_index(processed, split)[1]}
+    if source not in known:
+        raise UserError(f"{processed} has no source {source!r} (it has {', '.join(sorted(known))})")
+    counts: dict = {"source": source, "removed": {}, "splits": {}}
+    with replacing_dir(out, ("meta.json", *SPLITS)) as staging:
+        for split in SPLITS:
+            (staging / split).mkdir()
+            columns, rows = read_index(processed, split)
+            if split in FILTERED:
+                keep = [i for i, row in enumerate(rows) if not (int(row["label"]) == 1 and row["source"] == source)]
+                _write_subset(processed / split, staging / split, columns, rows, keep)
+            else:
+                keep = list(range(len(rows)))
+                for name in ("images.npy", "index.csv"):
+                    _link_or_copy(processed / split / name, staging / split / name)
+            labels = [int(rows[i]["label"]) for i in keep]
+            counts["removed"][split] = len(rows) - len(keep)
+            counts["splits"][split] = {"images": len(keep), **{c: labels.count(k) for k, c in enumerate(CLASSES)}}
+            _update_meta_split(meta, split, counts["splits"][split], source if split in FILTERED else None)
+        meta["left_out"] = {"source": source, "fakes_removed": {s: counts["removed"][s] for s in FILTERED},
+                            "from": str(processed.resolve()),
+                            "note": f"train and valid hold every image except the fakes of {source}; "
+                                    "test is the whole test split"}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return counts
+
+
+def _write_subset(src: Path, dst: Path, columns: list[str], rows: list[dict], keep: list[int]) -> None:
+    """``images.npy`` and ``index.csv`` of the rows ``keep`` of the split in ``src``, written to ``dst``."""
+    images = np.load(src / "images.npy", mmap_mode="r")
+    if len(images) != len(rows):
+        raise UserError(f"{src}: {len(images)} images but {len(rows)} rows in index.csv")
+    shape = (len(keep), *images.shape[1:])
+    per_chunk = max(1, CHUNK_BYTES // max(1, int(np.prod(images.shape[1:])) * images.itemsize))
+    index = np.asarray(keep, dtype=np.int64)
+    with (dst / "images.npy").open("wb") as f:
+        f.write(npy_header(shape))
+        for start in range(0, len(index), per_chunk):
+            f.write(np.ascontiguousarray(images[index[start:start + per_chunk]]).tobytes())
+    with (dst / "index.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[i] for i in keep)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (preprocess replaces its folder, never rewrites a file in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _update_meta_split(meta: dict, split: str, counts: dict, removed_source: str | None) -> None:
+    stats = (meta.get("splits") or {}).get(split)
+    if not isinstance(stats, dict):
+        return
+    stats.update(counts)
+    per_source = stats.get("sources") or {}
+    if removed_source in per_source:
+        per_source[removed_source]["fake"] = 0
+
+
+def run(p: Params, processed: Path, out: Path, device: torch.device, progress: bool = False,
+        keep_data: bool = False) -> dict:
+    """Leave each fake source of the train split out in turn: fit, choose the threshold on the
+    filtered valid split, score the whole test split per source.
+
+    Returns ``{"sources", "test_sources", "matrix": {left_out: {test_source: {"roc_auc",
+    "average_precision", "recall", "n_fake"}}}, "held_out": {left_out: AUC on its own fakes},
+    "held_out_roc_auc_mean", "held_out_roc_auc_min", "fits": {left_out: summary}, "run_id"}``,
+    also written to ``out/loso.json`` (NaN as null) and, as tables, ``out/loso.md``. Each fit's
+    data subset is deleted once scored unless ``keep_data``. Logs one MLflow run (when
+    ``p.mlflow.enabled``) in ``p.mlflow.experiment``. ``out`` is replaced only once complete.
+    """
+    from deepfake_detector.tracking import Tracker, run_tags  # MLflow only when a run is made
+
+    processed, out = Path(processed), Path(out)
+    meta = _check_processed(processed)
+    sources = fake_sources(processed, "train")
+    if len(sources) < 2:
+        names = list(meta.get("sources") or [DEFAULT_NAME])
+        with_fakes = f"only {sources[0]} has" if sources else "none has"
+        raise UserError(f"leave-one-source-out needs at least two fake sources; data.source has {len(names)} "
+                        f"({', '.join(names)}) and {with_fakes} fake images in the train split: add a source "
+                        "of fakes from another generator")
+    tracker = Tracker.start(p.mlflow, RUN_NAME, _logged_params(p, meta, sources),
+                            {**run_tags(), "check": RUN_NAME, "device": str(device)})
+    result: dict = {"sources": sources, "test_sources": [], "matrix": {}, "held_out": {}, "fits": {}}
+    with tracker.running(), replacing_dir(out, OUTPUTS) as staging:
+        for source in sources:
+            fit_dir = staging / "fits" / source
+            print(f"{RUN_NAME}: training without the fakes of {source}", flush=True)
+            counts = leave_out(processed, fit_dir / "data", source)
+            summary = fit(fit_dir / "data", fit_dir / "model", p.model, p.train, device, p.seed, progress=progress,
+                          min_source_size=meta["params"]["min_source_size"])
+            scores = _score(p, fit_dir / "data", fit_dir / "model" / "model.pt", device)
+            if not keep_data:
+                shutil.rmtree(fit_dir / "data")
+            result["matrix"][source] = scores.pop("per_source")
+            result["held_out"][source] = result["matrix"][source].get(source, {}).get("roc_auc", math.nan)
+            result["fits"][source] = {**scores, "counts": counts, "train": summary}
+            tracker.log_metrics({f"loso.{source}.{test}.{k}": v for test, row in result["matrix"][source].items()
+                                 for k, v in row.items() if k in ("roc_auc", "recall")}
+                                | {f"loso.{source}.{k}": v for k, v in scores.items()}
+                                | {f"loso.{source}.best_valid_auc": summary["best_valid_auc"]})
+        result["test_sources"] = sorted({t for row in result["matrix"].values() for t in row})
+        held = [v for v in result["held_out"].values() if not math.isnan(v)]
+        result["held_out_roc_auc_mean"] = float(np.mean(held)) if held else math.nan
+        result["held_out_roc_auc_min"] = float(min(held)) if held else math.nan
+        tracker.log_metrics({f"loso.held_out_roc_auc_{k}": result[f"held_out_roc_auc_{k}"] for k in ("mean", "min")})
+        result["run_id"] = tracker.run_id
+        (staging / "loso.json").write_text(json.dumps(_nan_to_null(result), indent=2, allow_nan=False) + "\n")
+        (staging / "loso.md").write_text(markdown(result))
+        for name in ("loso.json", "loso.md"):
+            tracker.log_artifacts(staging / name, "loso")
+        for source in sources:
+            for name in ("history.csv", "train.json"):
+                tracker.log_artifacts(staging / "fits" / source / "model" / name, f"loso/{source}")
+    return result
+
+
+def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
+    """The threshold chosen on ``data``'s (filtered) valid split, and the whole test split scored
+    with it: overall figures and ``per_source``."""
+    detector = Detector.from_checkpoint(model_pt, Decision(), device)
+    detector.batch_size = p.evaluate.batch_size
+    valid_x, valid_y = load_split(data, "valid")
+    if len(np.unique(valid_y)) < 2:
+        print(f"warning: {data}'s valid split has one class: threshold {p.evaluate.threshold} (evaluate.threshold) "
+              "instead of the rule's", file=sys.stderr)
+    threshold = choose_threshold(valid_y, detector.predict(valid_x), p.evaluate.threshold_rule,
+                                 p.evaluate.target_fpr, p.evaluate.threshold)
+    test_x, test_y = load_split(data, "test")
+    p_fake = detector.predict(test_x)
+    sources = [row["source"] for row in read_index(data, "test")[1]]
+    overall = compute_metrics(test_y, p_fake, threshold)
+    return {"threshold": float(threshold), "test_roc_auc": overall["roc_auc"], "test_accuracy": overall["accuracy"],
+            "test_recall": overall["recall"], "per_source": per_source(test_y, p_fake, sources, threshold)}
+
+
+def _logged_params(p: Params, meta: dict, sources: list[str]) -> dict:
+    """What the run's models were made with: seed, model, train, the threshold rule and the data
+    (as preprocess recorded it in ``meta.json``), and the sources left out in turn."""
+    return {**flatten({"seed": p.seed, "model": p.model, "train": p.train}),
+            **flatten({"preprocess": meta["params"]}),
+            **{f"evaluate.{k}": getattr(p.evaluate, k) for k in ("threshold_rule", "target_fpr", "threshold")},
+            "data.source": (meta.get("download") or {}).get("source", "unknown"),
+            "loso.sources": ",".join(sources)}
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def table(result: dict, key: str = "roc_auc", bold: bool = True) -> str:
+    """The matrix's ``key`` as a markdown table: a row per left-out source ("trained without"), a
+    column per test source; the held-out source's cell in bold (or starred when not ``bold``)."""
+    columns = result["test_sources"]
+    lines = ["| trained without | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for left, row in result["matrix"].items():
+        cells = []
+        for test in columns:
+            text = _figure(row.get(test, {}).get(key))
+            cells.append(text if test != left else f"**{text}**" if bold else f"{text}*")
+        lines.append(f"| {left} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(result: dict) -> str:
+    """``loso.md``: ROC AUC and recall tables, and the held-out summary."""
+    return (f"# Leave one source out\n\n"
+            "Each row is a model trained without one source's fakes (its real images stay), scored on the whole "
+            "test split: each column is that source's test fakes against all test reals. The bold cell is the "
+            "source the model never saw: how well the detector generalises to a new generator.\n\n"
+            f"Held-out ROC AUC: mean {_figure(result['held_out_roc_auc_mean'])}, "
+            f"worst {_figure(result['held_out_roc_auc_min'])}.\n\n"
+            "## ROC AUC\n\n" + table(result, "roc_auc") +
+            "\n## Recall at the threshold chosen on the filtered valid split\n\n" + table(result, "recall") +
+            "\nThresholds (P(fake)): " + ", ".join(f"without {s} {_figure(f['threshold'])}"
+                                                 for s, f in result["fits"].items()) + "\n")
+
+
+def _nan_to_null(value: object) -> object:
+    """JSON has no NaN: an undefined figure (an AUC without reals) is null."""
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value

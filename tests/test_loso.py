@@ -1,0 +1,143 @@
+"""Leave one source out on a tiny two-source set: the subset folders, the matrix, the MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SPLITS, make_dataset, synthetic_face
+from deepfake_detector import cli, loso
+from deepfake_detector.errors import UserError
+from deepfake_detector.params import Params, with_overrides
+from deepfake_detector.preprocess import load_split
+from deepfake_detector.stages import download, preprocess
+
+PER_CLASS = 8  # per split: source a has 8 real and 8 fake, source b 8 fake
+SMALL = ["preprocess.image_size=32", "preprocess.min_source_size=16", "preprocess.blur.prob=0",
+         "preprocess.noise.prob=0", "model.arch=cnn", "model.pretrained=none", "model.channels=[4]", "model.hidden=4",
+         "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu"]
+
+
+def fakes_only(root: Path) -> Path:
+    """A source of fakes alone, ``{train,valid,test}/fake/``, unlike source a's."""
+    for s, split in enumerate(SPLITS):
+        folder = root / split / "fake"
+        folder.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            synthetic_face(1, 5000 + 1000 * s + i, 32).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory) -> tuple[Params, Path]:
+    """Params naming sources a (real and fake) and b (fakes only), downloaded and preprocessed."""
+    root = tmp_path_factory.mktemp("loso")
+    a = make_dataset(root / "a", per_class=PER_CLASS, size=32, nested=False)
+    b = fakes_only(root / "b")
+    p = with_overrides(Params(), [f"data.source={{a: {a}, b: {b}}}", *SMALL])
+    download.run(p, root / "raw")
+    preprocess.run(p, root / "raw", root / "processed", workers=1)
+    return p, root / "processed"
+
+
+def index_rows(processed: Path, split: str) -> list[dict]:
+    with (processed / split / "index.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_leave_out_drops_only_that_sources_fakes_from_train_and_valid(two_sources, tmp_path):
+    _, processed = two_sources
+    counts = loso.leave_out(processed, tmp_path / "without-b", "b")
+    out = tmp_path / "without-b"
+    assert counts["removed"] == {"train": PER_CLASS, "valid": PER_CLASS, "test": 0}
+    for split in ("train", "valid"):
+        rows, kept = index_rows(processed, split), index_rows(out, split)
+        expected = [r for r in rows if not (r["label"] == "1" and r["source"] == "b")]
+        assert kept == expected
+        assert counts["splits"][split] == {"images": 2 * PER_CLASS, "real": PER_CLASS, "fake": PER_CLASS}
+        images, labels = load_split(out, split)  # a valid .npy, memmappable, labels matching
+        original, _ = load_split(processed, split)
+        keep = [i for i, r in enumerate(rows) if r in expected]
+        assert np.array_equal(np.asarray(images), np.asarray(original)[keep])
+        assert labels.tolist() == [int(r["label"]) for r in expected]
+        assert {r["source"] for r in kept if r["label"] == "0"} == {"a"}  # a's reals stay
+    # The test split is the whole one, byte for byte.
+    assert index_rows(out, "test") == index_rows(processed, "test")
+    assert (out / "test" / "images.npy").read_bytes() == (processed / "test" / "images.npy").read_bytes()
+    assert counts["splits"]["test"] == {"images": 3 * PER_CLASS, "real": PER_CLASS, "fake": 2 * PER_CLASS}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["left_out"]["source"] == "b" and meta["sources"] == ["a", "b"]
+    assert meta["splits"]["train"]["fake"] == PER_CLASS and meta["splits"]["test"]["fake"] == 2 * PER_CLASS
+
+    # Leaving out a keeps a's reals and b's fakes.
+    counts = loso.leave_out(processed, tmp_path / "without-a", "a")
+    assert [(r["label"], r["source"]) for r in index_rows(tmp_path / "without-a", "train")] == \
+        [("0", "a")] * PER_CLASS + [("1", "b")] * PER_CLASS
+    with pytest.raises(UserError, match="no source 'c'"):
+        loso.leave_out(processed, tmp_path / "without-c", "c")
+
+
+def test_run_gives_the_matrix_and_logs_one_mlflow_run(two_sources, tmp_path, monkeypatch):
+    import mlflow  # before chdir, as the other MLflow tests
+
+    p, processed = two_sources
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) land here
+    p = with_overrides(p, [f"mlflow.tracking_uri={uri}", "mlflow.experiment=loso-test"])
+    out = tmp_path / "loso"
+    import torch
+
+    result = loso.run(p, processed, out, torch.device("cpu"))
+
+    assert result["sources"] == ["a", "b"] and result["test_sources"] == ["a", "b"]
+    assert set(result["matrix"]) == {"a", "b"}
+    for left, row in result["matrix"].items():
+        assert set(row) == {"a", "b"}
+        for cell in row.values():
+            assert 0 <= cell["roc_auc"] <= 1 and 0 <= cell["recall"] <= 1 and cell["n_fake"] == PER_CLASS
+        assert result["held_out"][left] == row[left]["roc_auc"]
+        assert result["fits"][left]["counts"]["splits"]["train"]["fake"] == PER_CLASS
+        assert (out / "fits" / left / "model" / "model.pt").is_file()
+        assert not (out / "fits" / left / "data").exists()  # the subset is deleted once scored
+    assert json.loads((out / "loso.json").read_text())["matrix"]["a"]["b"]["n_fake"] == PER_CLASS
+    md = (out / "loso.md").read_text()
+    assert "| trained without | a | b |" in md
+    assert f"| a | **{result['matrix']['a']['a']['roc_auc']:.3f}** | {result['matrix']['a']['b']['roc_auc']:.3f} |" in md
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("loso-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == result["run_id"] and run.info.run_name == "leave-one-source-out"
+    assert run.info.status == "FINISHED" and run.data.tags["check"] == "leave-one-source-out"
+    assert run.data.params["model.arch"] == "cnn" and run.data.params["loso.sources"] == "a,b"
+    assert "a:" in run.data.params["data.source"] and "b:" in run.data.params["data.source"]
+    for left in "ab":
+        for test in "ab":
+            for key in ("roc_auc", "recall"):
+                value = run.data.metrics[f"loso.{left}.{test}.{key}"]
+                assert math.isclose(value, result["matrix"][left][test][key])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "loso")}
+    assert {"loso/loso.json", "loso/loso.md"} <= artifacts
+
+
+def test_one_fake_source_is_a_clear_error(two_sources, tmp_path, capsys):
+    p, processed = two_sources
+    only_a = tmp_path / "only-a"
+    loso.leave_out(processed, only_a, "b")  # train's fakes are all a's now
+    with pytest.raises(UserError, match=r"needs at least two fake sources; data.source has 2 \(a, b\) and only a"):
+        loso.run(p, only_a, tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
+    # The same through the command line: one line, status 2.
+    code = cli.main(["loso", "--params", str(ROOT / "params.yaml"), "--data", str(only_a), "--out",
+                     str(tmp_path / "out"), "-S", "mlflow.enabled=false"])
+    assert code == 2
+    assert "deepfake loso: error: leave-one-source-out needs at least two fake sources" in capsys.readouterr().err
