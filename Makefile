@@ -2,6 +2,7 @@
 #   make pipeline   set up .venv and run the DVC pipeline (download -> preprocess -> train -> evaluate)
 #   make test       set up .venv and run the test suite (installs nothing outside the clone;
 #                   the browser test skips unless `sudo make browser` installed chromium)
+#   make test-fast  the same without the tests marked slow (pytest -m "not slow"): a few minutes on 2 cores
 # Everything else is plain `dvc`, `mlflow`, `deepfake` and (for Kubeflow) `deepfake-pipeline`
 # inside .venv (see README).
 
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup browser pipeline test ui app clean
+.PHONY: setup browser pipeline test test-fast ui app clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +35,10 @@ browser:
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The fast lane: every test but those marked slow (and e2e, which tests/conftest.py marks slow too).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 # `make ui PORT=5001` / `make app PORT=8502` when the default port is taken. Set here rather than
 # with ?=, so that a PORT in the environment (some hosts export one) does not move them.

@@ -142,3 +142,10 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
                        ("GIT_COMMITTER_NAME", "test"), ("GIT_COMMITTER_EMAIL", "test@example.com")):
         env.setdefault(key, value)
     return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every e2e test (a whole pipeline run) is slow too: `pytest -m "not slow"` (`make test-fast`) skips it."""
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

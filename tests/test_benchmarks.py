@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, make_dataset
 from deepfake_detector.train import cpu_has_bf16
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script end to end
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -39,17 +44,32 @@ def test_learning_curve_writes_a_row_per_size(tmp_path, synthetic_processed):
 
 
 def test_seeds_runs_the_pipeline_per_seed(tmp_path):
-    raw = make_dataset(tmp_path / "raw", per_class=4, size=64)
+    # 32 px faces and a CNN trained with flips alone (FLIPS_ONLY in conftest), so that it learns the
+    # checkerboard: harsh perturbations (JPEG q30, blur 2, downscale) erase it and mild ones mostly do not,
+    # so the robustness rows differ and each column's choice of rows shows in its figure.
+    raw = make_dataset(tmp_path / "raw", per_class=24, size=32)
+    overrides = ["model.arch=cnn", "model.pretrained=none", "model.channels=[8,16]", "model.hidden=16",
+                 "preprocess.image_size=32", "preprocess.min_source_size=16", "preprocess.blur.prob=0",
+                 "preprocess.noise.prob=0", "train.augment.crop_scale=[1,1]", "train.augment.blur.prob=0",
+                 "train.augment.noise.prob=0", "train.augment.jpeg.prob=0", "train.augment.mixup=0",
+                 "train.epochs=8", "train.batch_size=16", "train.lr=0.003", "train.device=cpu"]
     out = run("benchmarks/seeds.py", "--raw", str(raw), "--out", str(tmp_path / "out"), "--seeds", "0", "1",
-              "--params", str(ROOT / "params.yaml"), "-S", "model.arch=cnn", "-S", "model.pretrained=none",
-              "-S", "model.channels=[8]", "-S", "model.hidden=8", "-S", "preprocess.image_size=32",
-              "-S", "train.epochs=1", "-S", "train.batch_size=4", "-S", "train.device=cpu").stdout
+              "--params", str(ROOT / "params.yaml"), *(arg for o in overrides for arg in ("-S", o))).stdout
     with (tmp_path / "out" / "seeds.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["seed"] for r in rows] == ["0", "1"] and out.splitlines()[-1].startswith("mean valid_auc")
     for seed, row in enumerate(rows):
         # Each seed ran the whole pipeline into its own folder, evaluation with robustness rows included.
-        assert (tmp_path / "out" / f"seed-{seed}" / "eval" / "metrics.json").exists()
-        assert 0 <= float(row["test_auc"]) <= 1
-        mild = max(float(row["jpeg_q50_up_drop"]), float(row["blur_s1_down_drop"]))
-        assert float(row["worst_robustness_drop"]) >= mild
+        metrics = json.loads((tmp_path / "out" / f"seed-{seed}" / "eval" / "metrics.json").read_text())
+        auc = {name: r["auc"] for name, r in metrics["robustness"].items()}
+        assert set(auc) == {"jpeg_q90", "jpeg_q75", "jpeg_q50", "jpeg_q30", "blur_s0.5", "blur_s1", "blur_s2",
+                            "noise_s5", "downscale_x0.5"}  # params.yaml's robustness levels
+        # The row's figures are that evaluation's: clean test AUC, and clean minus the worst AUC of the
+        # mild rows (JPEG quality >= 50; blur sigma <= 1) and of all rows (the promote gate's figure).
+        clean = metrics["roc_auc"]
+        assert float(row["test_auc"]) == pytest.approx(clean)
+        assert float(row["jpeg_q50_up_drop"]) == pytest.approx(clean - min(auc[f"jpeg_q{q}"] for q in (90, 75, 50)))
+        assert float(row["blur_s1_down_drop"]) == pytest.approx(clean - min(auc["blur_s0.5"], auc["blur_s1"]))
+        assert float(row["worst_robustness_drop"]) == pytest.approx(clean - min(auc.values()))
+        # The model learned the checkerboard (else every row is the clean AUC and the checks above tell nothing).
+        assert clean > 0.9 and float(row["worst_robustness_drop"]) > 0.2 > float(row["jpeg_q50_up_drop"])

@@ -284,6 +284,7 @@ class Guarded:
         raise AssertionError(f"read {key}, outside its stage's contract")
 
 
+@pytest.mark.slow
 def test_stages_read_only_their_params_and_write_only_their_outputs(tmp_path, monkeypatch):
     """Every stage, run as DVC runs it (evaluate registers) and register as the Kubeflow step does,
     on params that refuse the keys of other stages; each writes its outputs and nothing else."""

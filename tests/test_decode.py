@@ -222,6 +222,7 @@ def test_16bit_rgb_png_keeps_pillows_high_byte():
     assert np.array_equal(array[..., 1], to_8bit(values[..., 1]))
 
 
+@pytest.mark.slow
 def test_preprocess_quarantines_refused_files_counted_by_kind(tmp_path):
     root = tmp_path / "dataset"
     folder = make_dataset(root, per_class=1) / "train" / "real"
@@ -238,6 +239,7 @@ def test_preprocess_quarantines_refused_files_counted_by_kind(tmp_path):
     assert reasons == {"drawing.eps": REFUSED.format("EPS"), "float.tif": "float image outside [0, 1]: min 3, max 3"}
 
 
+@pytest.mark.slow
 def test_predict_cli_refuses_eps_in_one_line_and_skips_it_in_folders(tmp_path, untrained_model):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -39,6 +39,7 @@ def evaluate(data, model_dir, out, *extra):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_folder_is_scored_and_bad_files_reported(tmp_path, model_dir):
     data = labelled_folder(tmp_path / "other-faces")
     result = evaluate(data, model_dir, tmp_path / "out", "--threshold", "0.5")
@@ -73,6 +74,7 @@ def test_folder_without_classes_is_a_clear_error(tmp_path, model_dir):
     assert result.returncode == 2 and "needs real/ and fake/" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sources_are_scored_whole_and_reported_per_source(tmp_path, model_dir):
     """A mapping of sources as data.source takes it: one with splits (all three scored), one unsplit and
     fakes only; per_source in metrics.json is metrics.per_source of the same scores."""
@@ -122,6 +124,7 @@ def kaggle_csv(path, rows):
         writer.writerows((i, Path(p).name, Path(p).stem, int(cls == "real"), cls, p) for i, (p, cls) in enumerate(rows))
 
 
+@pytest.mark.slow
 def test_faces_mini_kaggle_csv_is_scored_in_place(tmp_path, model_dir, faces_mini):
     result = evaluate(faces_mini / "valid.csv", model_dir, tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -134,6 +137,7 @@ def test_faces_mini_kaggle_csv_is_scored_in_place(tmp_path, model_dir, faces_min
     assert all(Path(r["path"]).parent.name == r["actual"] for r in rows)
 
 
+@pytest.mark.slow
 def test_kaggle_download_layout_and_root(tmp_path, model_dir):
     download = tmp_path / "140k"  # Kaggle's download: the CSVs beside real_vs_fake/real-vs-fake/
     split_root = download / "real_vs_fake" / "real-vs-fake"
@@ -160,6 +164,7 @@ def test_kaggle_download_layout_and_root(tmp_path, model_dir):
     assert json.loads((tmp_path / "out-moved" / "metrics.json").read_text())["n"] == 12
 
 
+@pytest.mark.slow
 def test_no_readable_image_is_one_line_and_keeps_the_previous_outputs(tmp_path, model_dir):
     out = tmp_path / "out"
     assert evaluate(labelled_folder(tmp_path / "good"), model_dir, out).returncode == 0

@@ -192,6 +192,7 @@ def registered(tmp_path: Path, alias: str = "challenger"):
         return client, None
 
 
+@pytest.mark.slow
 @needs_faces
 def test_whole_pipeline_runs_locally_and_registers(tmp_path, monkeypatch):
     run_local_pipeline(tmp_path, monkeypatch, mlflow_register_min_auc=0.0)
@@ -202,6 +203,7 @@ def test_whole_pipeline_runs_locally_and_registers(tmp_path, monkeypatch):
     assert "test_roc_auc" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "valid_auc")) == 1
 
 
+@pytest.mark.slow
 @needs_faces
 def test_auc_gate_skips_registration(tmp_path, monkeypatch):
     run_local_pipeline(tmp_path, monkeypatch, mlflow_register_min_auc=1.01)  # no model reaches AUC > 1
@@ -446,6 +448,7 @@ def test_readme_cluster_snippets_run_against_kfp(tmp_path, kfp_api):
     assert f"{kfp_api.url}/#/runs/details/{run['run_id']}" in ran["submit"][1]
 
 
+@pytest.mark.slow
 @needs_faces
 def test_readme_local_pipeline_snippet_runs(tmp_path):
     """The README's kfp.local snippet, as written, on faces-mini in place of /path/to/faces."""
@@ -534,6 +537,7 @@ def test_download_from_a_dvc_repository_at_a_revision(tmp_path):
     assert info["dvc"]["md5"] == lock["outs"][0]["md5"]
 
 
+@pytest.mark.slow
 @needs_faces
 def test_mlproject_main_runs_with_the_local_env(tmp_path):
     project = tmp_path / "project"

@@ -82,6 +82,7 @@ def test_leave_out_drops_only_that_sources_fakes_from_train_and_valid(two_source
         loso.leave_out(processed, tmp_path / "without-c", "c")
 
 
+@pytest.mark.slow
 def test_run_gives_the_matrix_and_logs_one_mlflow_run(two_sources, tmp_path, monkeypatch):
     import mlflow  # before chdir, as the other MLflow tests
 

@@ -68,9 +68,11 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, env):
-    """A git + DVC checkout of this project, pointed at faces-mini, after one `dvc repro`."""
-    repo = tmp_path_factory.mktemp("e2e") / "project"
+def pristine(tmp_path_factory, env) -> Path:
+    """A git + DVC checkout of this project, pointed at faces-mini, after one `dvc repro` (its results
+    not committed), built once in ``<base>/work/project`` and kept aside as ``<base>/pristine``; returns base."""
+    base = tmp_path_factory.mktemp("e2e")
+    repo = base / "work" / "project"
     for name in PROJECT_FILES:
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,27 @@ def repo(tmp_path_factory, env):
     sh(["git", "commit", "-qm", "project"], repo, env)
     first = sh(["dvc", "repro"], repo, env)
     repo.joinpath("first-repro.log").write_text(first.stdout + first.stderr)
-    return repo
+    shutil.copytree(base / "work", base / "pristine", symlinks=True)
+    return base
+
+
+@pytest.fixture
+def repo(pristine, monkeypatch) -> Path:
+    """The checkout as one `dvc repro` left it, restored for each test: a test may change it freely, and
+    sees the same state run alone or in any order. Restored at the path it was built at, because the
+    MLflow store (artifact locations), models/run.json and DVC's local remote hold absolute paths."""
+    # MLflow keeps one SQLAlchemy engine per database URI for the whole process; pooled connections
+    # would keep reading the replaced mlflow.db, so none are pooled (read when the engine is made).
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+    shutil.rmtree(pristine / "work")
+    shutil.copytree(pristine / "pristine", pristine / "work", symlinks=True)
+    return pristine / "work" / "project"
+
+
+def commit_results(repo: Path, env: dict) -> None:
+    """Commit what the first `dvc repro` wrote (dvc.lock above all), as a baseline for experiments and clones."""
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "first repro's results"], repo, env)
 
 
 def mlflow_client(repo: Path):
@@ -209,6 +231,7 @@ def test_train_param_change_reruns_only_train_and_evaluate(repo, env):
 
 
 def test_exp_run_and_show_list_the_runs(repo, env):
+    commit_results(repo, env)
     sh(["dvc", "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch"], repo, env)
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo, env).stdout)
     names = [exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])]
@@ -226,6 +249,7 @@ def test_exp_run_and_show_list_the_runs(repo, env):
 def test_exp_run_in_a_temporary_clone_logs_to_the_repository(repo, env):
     """`dvc exp run --temp` (and `--queue`) run in `.dvc/tmp/exps/tmpXXX`, deleted afterwards: the
     run, its model and artifacts must land in the repository's own MLflow store."""
+    commit_results(repo, env)
     sh(["dvc", "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.lr=0.002", "-n", "in-temp"], repo, env)
     client = mlflow_client(repo)
     (run,) = client.search_runs([client.get_experiment_by_name("deepfake-detector").experiment_id],
@@ -236,24 +260,8 @@ def test_exp_run_in_a_temporary_clone_logs_to_the_repository(repo, env):
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
 
 
-def test_project_root_sees_through_dvc_temporary_clones(tmp_path, monkeypatch):
-    from deepfake_detector.params import project_root, resolve
-
-    clone = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12"
-    clone.mkdir(parents=True)
-    (tmp_path / "repo" / "faces").mkdir()
-    monkeypatch.setenv("DVC_ROOT", str(clone))
-    monkeypatch.chdir(clone)
-    assert project_root() == tmp_path / "repo"
-    assert resolve("faces") == str(tmp_path / "repo" / "faces") and resolve("elsewhere") == "elsewhere"
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
-    assert project_root() == tmp_path / "repo"
-
-
 def test_push_and_pull_restore_data_and_model_in_another_clone(repo, env):
-    # `dvc exp run` (above) leaves its results in the workspace: back to the committed ones first.
-    sh(["git", "checkout", "--", "."], repo, env)
-    sh(["dvc", "checkout"], repo, env)
+    commit_results(repo, env)  # the clone gets dvc.lock from git, the files it names from the remote
     sh(["dvc", "push"], repo, env)
     clone = repo.parent / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)

@@ -120,6 +120,7 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
         assert 0 <= float(rows[name]["p_fake"]) <= 1 and rows[name]["label"] in ("real", "fake")
 
 
+@pytest.mark.slow
 @needs_faces
 def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir, monkeypatch):
     import mlflow

@@ -56,6 +56,7 @@ def test_blur_and_noise_do_what_they_say():
     assert np.array_equal(untouched, image) and b == n == 0.0
 
 
+@pytest.mark.slow
 def test_rerun_is_byte_identical_and_only_train_is_degraded(tmp_path, dataset):
     params = PreprocessParams(image_size=32, min_source_size=16, blur=BlurParams(1.0, (0.5, 1.0)),
                               noise=NoiseParams(0.5, (1.0, 8.0)))
@@ -101,6 +102,7 @@ def add_bad_files(folder):
     synthetic_face(0, 5).convert("L").save(folder / "grey.jpg")
 
 
+@pytest.mark.slow
 def test_bad_files_are_quarantined_and_counted(tmp_path, dataset):
     add_bad_files(dataset / "real_vs_fake" / "real-vs-fake" / "train" / "real")
     meta = preprocess.run(dataset, tmp_path / "out", PARAMS, seed=0, workers=2, progress=False)
@@ -194,6 +196,7 @@ def test_a_run_killed_midway_leaves_the_previous_outputs_and_the_next_run_tidies
     assert json.loads((out / "meta.json").read_text())["seed"] == 1 and digest_tree(out) != before
 
 
+@pytest.mark.slow
 def test_several_sources_keep_their_names_and_unsplit_ones_are_split_by_hash(tmp_path):
     """Two sources, one split (real + fake) and one unsplit fakes-only: every row of index.csv names its
     source, the unsplit one is spread over the splits by file hash, and a file keeps its split when renamed."""

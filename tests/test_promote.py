@@ -68,6 +68,7 @@ def champion(client) -> str:
     return str(client.get_model_version_by_alias(NAME, "champion").version)
 
 
+@pytest.mark.slow
 def test_promotion_moves_champion_only_through_the_gates(server, client):
     # 1. No champion yet: a good challenger is promoted, and the version records why.
     v1 = challenger(client, auc=0.95, worst_robust_auc=0.85)
@@ -106,6 +107,7 @@ def test_promotion_moves_champion_only_through_the_gates(server, client):
     assert client.get_model_version(NAME, v4).tags["promotion.decision"] == "forced"
 
 
+@pytest.mark.slow
 def test_a_registry_that_does_not_answer_is_a_clear_error():
     start = time.monotonic()
     result = promote(f"http://127.0.0.1:{free_port()}")

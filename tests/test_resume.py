@@ -16,6 +16,8 @@ import torch
 from conftest import ROOT, free_port, make_dataset, wait_http
 from deepfake_detector.model import load_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here trains in real processes, some of them twice
+
 EPOCHS = 3
 # Big enough that an epoch takes a noticeable time (a signal lands inside a run), small enough for CI.
 # With a moving average of the weights, so that its state is resumed and gathered too.

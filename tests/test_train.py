@@ -20,6 +20,7 @@ from deepfake_detector.params import ModelParams, TrainParams
 MODEL = ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16, dropout=0.1)
 
 
+@pytest.mark.slow
 def test_fit_learns_and_reports_each_epoch(tmp_path, synthetic_processed):
     seen = []
     params = TrainParams(epochs=8, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=FLIPS_ONLY, monitor_window=1)
@@ -119,6 +120,7 @@ def test_resident_and_prefetched_data_give_the_same_weights(tmp_path, synthetic_
     assert same(weights(tmp_path / "true" / "model.pt"), weights(tmp_path / "false" / "model.pt"))
 
 
+@pytest.mark.slow
 def test_torn_checkpoint_falls_back_to_the_one_before(tmp_path, synthetic_processed):
     from deepfake_detector.checkpoint import CheckpointStore
 
