@@ -140,7 +140,8 @@ def test_import_closure_holds_only_what_the_stage_runs():
 
 def test_import_closure_follows_submodules_and_functions():
     source = PACKAGE / "stages" / "evaluate.py"
-    assert {"stages/register.py", "evaluate.py", "atomic.py", "__init__.py", "stages/__init__.py"} <= package_imports(source)
+    expected = {"stages/register.py", "evaluate.py", "atomic.py", "__init__.py", "stages/__init__.py"}
+    assert expected <= package_imports(source)
     assert module_files("deepfake_detector.stages", "register") == {"__init__.py", "stages/__init__.py",
                                                                    "stages/register.py"}
     assert module_files("deepfake_detector.metrics", "compute_metrics") == {"__init__.py", "metrics.py"}

@@ -371,7 +371,8 @@ def test_dataset_without_splits_or_classes_is_refused(tmp_path: Path, out_dir: P
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda root: make_dataset(root, splits=("train", "test")), r"split valid has no real images, split valid has no fake"),
+    (lambda root: make_dataset(root, splits=("train", "test")),
+     r"split valid has no real images, split valid has no fake"),
     (_without_fake_in_train, r"split train has no fake images across source source:"),
 ], ids=["no-valid", "no-train-fake"])
 def test_incomplete_dataset_downloads_but_preprocess_names_the_split(tmp_path: Path, out_dir: Path, build,

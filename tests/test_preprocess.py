@@ -225,5 +225,6 @@ def test_several_sources_keep_their_names_and_unsplit_ones_are_split_by_hash(tmp
     download.run(p, tmp_path / "raw")
     stage.run(p, tmp_path / "raw", tmp_path / "processed", workers=1)
     moved = {r["path"]: split for split in SPLITS
-             for r in csv.DictReader((tmp_path / "processed" / split / "index.csv").open()) if r["source"] == "diffusion"}
+             for r in csv.DictReader((tmp_path / "processed" / split / "index.csv").open())
+             if r["source"] == "diffusion"}
     assert moved["diffusion/fake/zzz.png"] == diffusion["diffusion/fake/000.png"]

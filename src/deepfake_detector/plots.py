@@ -84,7 +84,8 @@ def per_source(path: Path, rows: list[dict], threshold: float) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(rows) + 2), 3.5))
     x = np.arange(len(rows))
-    for offset, key, label in ((-0.2, "roc_auc", "ROC AUC vs all reals"), (0.2, "recall", f"recall at {threshold:.3f}")):
+    bars = ((-0.2, "roc_auc", "ROC AUC vs all reals"), (0.2, "recall", f"recall at {threshold:.3f}"))
+    for offset, key, label in bars:
         ax.bar(x + offset, [r[key] for r in rows], width=0.4, label=label)
     ax.axhline(0.5, color="grey", linestyle=":", label="chance AUC")
     ax.set_xticks(x, [f"{r['source']}\n({r['n_fake']} fakes)" for r in rows])
