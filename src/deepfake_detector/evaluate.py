@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-from deepfake_detector import plots
+from deepfake_detector import plots, preprocess
 from deepfake_detector.data import CLASSES
 from deepfake_detector.detector import DECISION_FILE, Decision, Detector
 from deepfake_detector.metrics import NEVER, calibration, choose_threshold, compute_metrics, full_report, per_source
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.robustness import perturbations
-from deepfake_detector.sources import DEFAULT_NAME
 
 # What an evaluation writes into its folder, the stages' model card and unreadable-file list
 # included: the folder is replaced as a whole, and one holding anything else is refused.
@@ -64,16 +63,10 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
 
 
 def read_index(processed_dir: Path, split: str) -> tuple[list[str], list[str]]:
-    """The paths and source names of a preprocessed split's images, in ``index.csv``'s order.
-
-    A folder preprocessed before sources were named has no ``source`` column: its images are all of
-    the one source ``meta.json`` names, else :data:`~deepfake_detector.sources.DEFAULT_NAME`.
-    """
-    meta = json.loads((Path(processed_dir) / "meta.json").read_text())
-    fallback = next(iter(meta.get("sources") or [DEFAULT_NAME]))
-    with (Path(processed_dir) / split / "index.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    return [row["path"] for row in rows], [row.get("source") or fallback for row in rows]
+    """The paths and source names of a preprocessed split's images, in ``index.csv``'s order
+    (:func:`preprocess.read_index`: a folder from before sources were named is one source)."""
+    rows = preprocess.read_index(processed_dir, split)[1]
+    return [row["path"] for row in rows], [row["source"] for row in rows]
 
 
 def _nan_to_null(value: object) -> object:

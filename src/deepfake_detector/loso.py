@@ -32,7 +32,7 @@ from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
 from deepfake_detector.metrics import choose_threshold, compute_metrics, per_source
 from deepfake_detector.params import Params, flatten
-from deepfake_detector.preprocess import load_split, npy_header
+from deepfake_detector.preprocess import load_split, npy_header, read_index
 from deepfake_detector.sources import DEFAULT_NAME
 from deepfake_detector.train import fit
 
@@ -40,22 +40,6 @@ RUN_NAME = "leave-one-source-out"  # the MLflow run's name, and its ``check`` ta
 OUTPUTS = ("loso.json", "loso.md", "fits")  # all :func:`run` writes into its folder
 FILTERED = ("train", "valid")  # the splits a left-out source's fakes are removed from; test stays whole
 CHUNK_BYTES = 64 << 20  # images copied at a time when writing a subset
-
-
-def read_index(processed: Path, split: str) -> tuple[list[str], list[dict[str, str]]]:
-    """The columns and rows of a preprocessed split's ``index.csv``; a row without a source (a folder
-    preprocessed before sources were named) gets the one source ``meta.json`` names."""
-    meta = json.loads((Path(processed) / "meta.json").read_text())
-    fallback = next(iter(meta.get("sources") or [DEFAULT_NAME]))
-    with (Path(processed) / split / "index.csv").open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
-    for row in rows:
-        row["source"] = row.get("source") or fallback
-    if "source" not in columns:
-        columns.append("source")
-    return columns, rows
 
 
 def fake_sources(processed: Path, split: str = "train") -> list[str]:

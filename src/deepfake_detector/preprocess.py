@@ -298,3 +298,19 @@ def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]
     if len(labels) != len(images):
         raise ValueError(f"{split_dir}: {len(images)} images but {len(labels)} labels")
     return images, labels
+
+
+def read_index(processed: Path, split: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns and rows of a preprocessed split's ``index.csv``; a row without a source (a folder
+    preprocessed before sources were named) gets the one source ``meta.json`` names."""
+    meta = json.loads((Path(processed) / "meta.json").read_text())
+    fallback = next(iter(meta.get("sources") or [DEFAULT_NAME]))
+    with (Path(processed) / split / "index.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    for row in rows:
+        row["source"] = row.get("source") or fallback
+    if "source" not in columns:
+        columns.append("source")
+    return columns, rows
