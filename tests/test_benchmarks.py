@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -73,3 +74,30 @@ def test_seeds_runs_the_pipeline_per_seed(tmp_path):
         assert float(row["worst_robustness_drop"]) == pytest.approx(clean - min(auc.values()))
         # The model learned the checkerboard (else every row is the clean AUC and the checks above tell nothing).
         assert clean > 0.9 and float(row["worst_robustness_drop"]) > 0.2 > float(row["jpeg_q50_up_drop"])
+
+
+def test_levers_scores_each_recipe_on_valid_and_on_each_source_left_out(tmp_path):
+    # Two sources: "gan" with both classes and "other" with fakes only (its reals removed), as faces-sd.
+    gan = make_dataset(tmp_path / "gan", per_class=12, size=32, nested=False)
+    other = make_dataset(tmp_path / "other", per_class=12, size=32, nested=False)
+    for split in ("train", "valid", "test"):
+        shutil.rmtree(other / split / "real")
+    overrides = ["model.arch=cnn", "model.pretrained=none", "model.channels=[8]", "model.hidden=8",
+                 "preprocess.image_size=24", "preprocess.min_source_size=16", "train.epochs=1",
+                 "train.batch_size=16", "train.device=cpu"]
+    out = run("benchmarks/levers.py", "--sources", f"{{gan: {gan}, other: {other}}}", "--out", str(tmp_path / "out"),
+              "--recipes", "baseline", "crop", "--seeds", "0", "--params", str(ROOT / "params.yaml"),
+              *(arg for o in overrides for arg in ("-S", o))).stdout
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
+    assert sorted((r["recipe"], r["left_out"] or "") for r in rows) == [
+        ("baseline", ""), ("baseline", "gan"), ("baseline", "other"), ("crop", ""), ("crop", "gan"), ("crop", "other")]
+    assert all(set(r["valid"]) == set(r["test"]) == {"gan", "other"} for r in rows)
+    # crop changes preprocess (a data copy of its own); baseline and crop each one row in the table.
+    assert len(list((tmp_path / "out").glob("data-*"))) == 2
+    table = (tmp_path / "out" / "levers.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["baseline", "crop"] and table in out
+    # A rerun finds every fit done and trains nothing.
+    again = run("benchmarks/levers.py", "--sources", f"{{gan: {gan}, other: {other}}}", "--out",
+                str(tmp_path / "out"), "--recipes", "baseline", "crop", "--seeds", "0",
+                "--params", str(ROOT / "params.yaml"), *(arg for o in overrides for arg in ("-S", o))).stdout
+    assert again.startswith("0 fits to run (6 done before)")

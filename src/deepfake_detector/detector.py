@@ -78,8 +78,9 @@ class Detector:
     """One model, ready to score images; safe to share between threads (it is never modified)."""
 
     def __init__(self, model: DeepfakeNet, decision: Decision, source: str, device: torch.device | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, fit: str = "resize") -> None:
         self.device = device or torch.device("cpu")
+        self.fit = fit  # how images reach the input size: as preprocess fitted the training data
         self.model = model.to(self.device).eval()
         self.decision, self.source, self.batch_size = decision, source, batch_size
 
@@ -108,7 +109,7 @@ class Detector:
             if found is None:
                 notice(f"no {DECISION_FILE} for {checkpoint} (run the evaluate stage): threshold 0.5")
             decision = Decision.read(found) if found else Decision(min_source_size=ckpt.get("min_source_size", 1))
-        return cls(model, decision, f"local {checkpoint}", device)
+        return cls(model, decision, f"local {checkpoint}", device, fit=ckpt.get("fit", "resize"))
 
     @classmethod
     def load(cls, model: str, mlflow_params=None, device: torch.device | None = None) -> Detector:
@@ -131,7 +132,7 @@ class Detector:
         """Check, decode, face-crop (per the decision, unless ``crop_faces`` says otherwise) and resize
         an image file's bytes; ValueError with a one-line reason for anything not scored."""
         crop = self.decision.crop_faces if crop_faces is None else crop_faces
-        return prepare(data, self.image_size, crop, min_source_size=self.decision.min_source_size)
+        return prepare(data, self.image_size, crop, min_source_size=self.decision.min_source_size, fit=self.fit)
 
     def predict(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """P(fake) of each prepared uint8 (N, S, S, 3) image."""

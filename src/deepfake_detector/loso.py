@@ -34,7 +34,7 @@ from deepfake_detector.metrics import choose_threshold, compute_metrics, per_sou
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split, npy_header, read_index
 from deepfake_detector.sources import DEFAULT_NAME
-from deepfake_detector.train import fit
+from deepfake_detector.train import fit, prepared_as
 
 RUN_NAME = "leave-one-source-out"  # the MLflow run's name, and its ``check`` tag
 OUTPUTS = ("loso.json", "loso.md", "fits")  # all :func:`run` writes into its folder
@@ -161,7 +161,7 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
             print(f"{RUN_NAME}: training without the fakes of {source}", flush=True)
             counts = leave_out(processed, fit_dir / "data", source)
             summary = fit(fit_dir / "data", fit_dir / "model", p.model, p.train, device, p.seed, progress=progress,
-                          min_source_size=meta["params"]["min_source_size"])
+                          **prepared_as(meta))
             scores = _score(p, fit_dir / "data", fit_dir / "model" / "model.pt", device)
             if not keep_data:
                 shutil.rmtree(fit_dir / "data")

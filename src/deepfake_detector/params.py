@@ -55,7 +55,7 @@ class _Checked:
 
 
 Arch = Literal["cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
-               "efficientnet_lite0"]
+               "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)  # train.precision
@@ -102,6 +102,10 @@ class PreprocessParams(_Checked):
     min_source_size: int = 64  # smaller images are quarantined, not upscaled
     limit_per_class: int = 0  # 0 keeps every image; N keeps the first N per split and class
     splits: tuple[str, ...] = ("train",)  # splits that get blur and noise
+    # How an image reaches image_size: resize (centre square, bicubic) or crop (the centre image_size
+    # square at the source's own pixels, resized only when smaller): resampling blurs a generator's
+    # up-sampling traces (B-Free, CVPR 2025). Scorers of the model fit images the same way.
+    fit: Literal["resize", "crop"] = "resize"
     # A source without train/valid/test folders is split by the sha256 of each file: these shares.
     split_ratios: tuple[float, float, float] = checked((0.8, 0.1, 0.1), "three shares (train/valid/test) summing to 1",
                                                        lambda v: min(v) >= 0 and abs(sum(v) - 1) < 1e-6)
@@ -113,7 +117,10 @@ class PreprocessParams(_Checked):
 
 @dataclass(frozen=True)
 class ModelParams(_Checked):
-    arch: Arch = "efficientnet_lite0"  # cnn (our own) | a torchvision backbone | efficientnet_lite0 (see ARCHS)
+    arch: Arch = "efficientnet_lite0"  # cnn (our own) | a torchvision backbone | efficientnet_lite0/1/2 (see ARCHS)
+    # What the network sees: rgb, or residual, the normalised image minus its 2x nearest-neighbour
+    # down-and-up-sampled copy (NPR, CVPR 2024): the traces of a generator's up-sampling, not the content.
+    input: Literal["rgb", "residual"] = "rgb"
     pretrained: str = "imagenet"  # backbone weights: none | imagenet | path of a state dict
     # cnn: one conv block per entry, depth and width. Five single-conv blocks (32-256) reached valid
     # AUC 0.87 where four double-conv ones (16-128) reached 0.81, for 12 % more time per epoch

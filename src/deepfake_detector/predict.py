@@ -32,8 +32,9 @@ class Prepared:
 
 
 def prepare(data: bytes, size: int, crop_faces: bool = True, max_bytes: int = MAX_BYTES,
-            max_pixels: int = MAX_PIXELS, min_source_size: int = 1) -> Prepared:
-    """Check, decode, optionally face-crop and resize an uploaded file; ValueError with the reason.
+            max_pixels: int = MAX_PIXELS, min_source_size: int = 1, fit: str = "resize") -> Prepared:
+    """Check, decode, optionally face-crop and fit (``fit_image``'s ``how``) an uploaded file;
+    ValueError with the reason.
 
     An image smaller than ``min_source_size`` on either side is refused, as preprocess quarantines it.
     """
@@ -44,7 +45,7 @@ def prepare(data: bytes, size: int, crop_faces: bool = True, max_bytes: int = MA
         raise ValueError(f"too small: {image.size[0]}x{image.size[1]} < {min_source_size}")
     box = largest_face(image) if crop_faces else None
     shown = image.crop(box) if box else image
-    return Prepared(fit_image(shown, size, min_source_size=1), box, shown)
+    return Prepared(fit_image(shown, size, 1, fit), box, shown)
 
 
 def largest_face(image: Image.Image, min_share: float = 0.05, tight_share: float = 0.35) -> tuple | None:

@@ -159,25 +159,29 @@ def _unidentified_reason(source: Path | BinaryIO) -> str:
     return "not an image"
 
 
-def fit_image(img: Image.Image, size: int, min_source_size: int) -> np.ndarray:
-    """Centre-crop and resize to ``size`` x ``size`` (bicubic): the model's input, as uint8 HWC."""
+def fit_image(img: Image.Image, size: int, min_source_size: int, how: str = "resize") -> np.ndarray:
+    """``size`` x ``size`` uint8 HWC, the model's input: ``resize`` takes the centre square resized
+    (bicubic); ``crop`` the centre ``size`` square at the image's own pixels (resized only if smaller)."""
     if min(img.size) < min_source_size:
         raise ValueError(f"too small: {img.size[0]}x{img.size[1]} < {min_source_size}")
-    if img.size != (size, size):
+    if how == "crop" and min(img.size) >= size:
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif img.size != (size, size):
         img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: Path, size: int, min_source_size: int) -> tuple[np.ndarray, str]:
+def load_image(path: Path, size: int, min_source_size: int, how: str = "resize") -> tuple[np.ndarray, str]:
     """Decode and fit ``path``; returns the uint8 array and the source mode (ValueError if unusable)."""
     img, mode = decode_image(path)
-    return fit_image(img, size, min_source_size), mode
+    return fit_image(img, size, min_source_size, how), mode
 
 
 def _process(args: tuple[Job, PreprocessParams, int]) -> tuple[Job, np.ndarray | None, str, float, float]:
     job, params, seed = args
     try:
-        image, mode = load_image(job.path, params.image_size, params.min_source_size)
+        image, mode = load_image(job.path, params.image_size, params.min_source_size, params.fit)
     except ValueError as exc:
         return job, None, str(exc), 0.0, 0.0
     blur = noise = 0.0

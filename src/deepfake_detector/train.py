@@ -243,7 +243,8 @@ class Trainer:
 def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: TrainParams,
         device: torch.device, seed: int, on_epoch: EpochCallback | None = None, progress: bool = True,
         store: CheckpointStore | None = None, resume: dict[str, Any] | None = None,
-        world: World = SINGLE, extra_state: dict[str, Any] | None = None, min_source_size: int = 1) -> dict:
+        world: World = SINGLE, extra_state: dict[str, Any] | None = None, min_source_size: int = 1,
+        image_fit: str = "resize") -> dict:
     """Train for ``params.epochs``; rank 0 writes ``model.pt`` (best epoch), ``history.csv`` and
     ``train.json`` to ``out_dir``.
 
@@ -251,7 +252,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     run id) and when SIGTERM/SIGINT arrives, which then raises :class:`Stopped`; ``resume`` (a
     checkpoint from it) continues that run. ``on_epoch(epoch, metrics)`` is called on rank 0 before
     each epoch's checkpoint (tracking hooks in here). ``min_source_size`` (the data's) is saved in
-    ``model.pt`` for scorers of a model that has no decision settings yet. Returns the best epoch's
+    ``model.pt`` for scorers of a model that has no decision settings yet, and ``image_fit``
+    (``preprocess.fit``) so that every scorer fits images as the training data was. Returns the best epoch's
     metrics and the time.
     """
     out_dir = Path(out_dir)
@@ -335,10 +337,16 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
                          "log_loss": best["valid_loss"]}
         save_checkpoint(trainer.model, out_dir / "model.pt", state_dict=trainer.best_state,
-                        epoch=best["epoch"], valid=valid_at_best, min_source_size=min_source_size)
+                        epoch=best["epoch"], valid=valid_at_best, min_source_size=min_source_size,
+                        fit=image_fit)
         atomic_write_text(out_dir / "history.csv", _history_csv(trainer.history))
         atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def prepared_as(meta: dict) -> dict[str, Any]:
+    """:func:`fit`'s ``min_source_size`` and ``image_fit`` from the preprocessed data's ``meta.json``."""
+    return {"min_source_size": meta["params"]["min_source_size"], "image_fit": meta["params"].get("fit", "resize")}
 
 
 def class_weights(labels: np.ndarray, balance: str, device: torch.device) -> torch.Tensor | None:

@@ -44,10 +44,10 @@ def _train(p: Params, processed: Path, out: Path, checkpoint_dir: Path, world: d
     store = CheckpointStore(checkpoint_dir, run_key(config))
     resume = distributed.broadcast(store.latest() if world.main else None, world)
     meta = json.loads((processed / "meta.json").read_text())
-    # The data's minimum source size travels with the weights: a model not yet evaluated still
-    # refuses what preprocess would have quarantined.
+    # How the data was prepared travels with the weights: a model not yet evaluated still refuses
+    # what preprocess would have quarantined, and every scorer fits images the same way.
     fit = partial(training.fit, processed, out, p.model, p.train, device, p.seed, progress=progress, store=store,
-                  resume=resume, world=world, min_source_size=meta["params"]["min_source_size"])
+                  resume=resume, world=world, **training.prepared_as(meta))
     if not world.main:
         return {**fit(), "run_id": None}
     if resume is None:
