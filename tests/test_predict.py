@@ -20,8 +20,9 @@ from PIL import Image
 
 from conftest import FACES_MINI, ROOT, free_port, png_bytes, synthetic_face, wait_http
 from deepfake_detector.detector import Decision, Detector
-from deepfake_detector.params import MlflowParams
+from deepfake_detector.params import MlflowParams, Params
 from deepfake_detector.predict import largest_face, prepare
+from deepfake_detector.scoring import predict_paths
 from deepfake_detector.tracking import SERVING_REQUIREMENTS
 
 needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
@@ -118,6 +119,21 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
     assert rows["broken.jpg"]["p_fake"] == "" and rows["broken.jpg"]["error"]
     for name in ("0.jpg", "deep.png"):
         assert 0 <= float(rows[name]["p_fake"]) <= 1 and rows[name]["label"] in ("real", "fake")
+    assert {r["source"] for r in rows.values()} == {"photos"}  # the folder given names every image under it
+
+
+def test_predict_names_each_images_source_as_given(tmp_path, model_dir):
+    for name in ("gan", "diffusion"):
+        (tmp_path / name).mkdir()
+        synthetic_face(1, 7, 32).save(tmp_path / name / "a.jpg")
+    synthetic_face(0, 8, 32).save(tmp_path / "single.png")
+    out = tmp_path / "preds.csv"
+    predict_paths(Params(), [f"{{sd: {tmp_path / 'diffusion'}, stylegan: {tmp_path / 'gan'}}}",
+                             tmp_path / "single.png", tmp_path / "gan"], str(model_dir), out)
+    rows = [(Path(r["path"]).relative_to(tmp_path).as_posix(), r["source"]) for r in csv.DictReader(out.open())]
+    # A mapping names its folders; a file goes by its folder's name; a folder given twice is scored twice.
+    assert rows == [("diffusion/a.jpg", "sd"), ("gan/a.jpg", "stylegan"), ("single.png", tmp_path.name.lower()),
+                    ("gan/a.jpg", "gan")]
 
 
 @pytest.mark.slow

@@ -32,30 +32,46 @@ def load_detector(p: Params, model: str, threshold: float | None = None) -> Dete
 
 def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold: float | None = None,
                   crop_faces: bool | None = None, progress: bool = False) -> dict:
-    """Score files and folders into a CSV (path, p_fake, label, error), streaming in batches.
+    """Score files and folders into a CSV (path, source, p_fake, label, error), streaming in batches.
 
     Unreadable files get their reason in ``error`` and are counted; they do not stop the run.
+    Each image's source is named as in :func:`named_images`.
     """
     detector = load_detector(p, model, threshold)
-    files = list(iter_images(paths))
+    files, names = zip(*named_images(paths)) if paths else ((), ())
     counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with Path(out).open("w", newline="") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
         writer = csv.writer(f)
-        writer.writerow(["path", "p_fake", "label", "error"])
+        writer.writerow(["path", "source", "p_fake", "label", "error"])
         for start in range(0, len(files), p.evaluate.batch_size):
             chunk = files[start:start + p.evaluate.batch_size]
             p_fake, errors = detector.score(chunk, crop_faces=crop_faces)
-            for path, score, error in zip(chunk, p_fake, errors):
+            for path, name, score, error in zip(chunk, names[start:], p_fake, errors):
                 if error:
                     counts["unreadable"] += 1
-                    writer.writerow([path, "", "", error])
+                    writer.writerow([path, name, "", "", error])
                 else:
                     label = detector.label(score)
                     counts[label] += 1
-                    writer.writerow([path, f"{score:.6f}", label, ""])
+                    writer.writerow([path, name, f"{score:.6f}", label, ""])
             bar.update(len(chunk))
     return {**counts, "threshold": detector.threshold}
+
+
+def named_images(paths: list[Path | str]) -> list[tuple[Path, str]]:
+    """The images of files and folders (:func:`iter_images`), each with the name of its source: the
+    folder given (a file's own folder), or the names of a list or mapping given as ``data.source``
+    takes it (``'{sd: photos/sd, gan: photos/gan}'``)."""
+    named = []
+    for arg in map(str, paths):
+        if arg.strip().startswith(("[", "{")):
+            locations = sources.parse_sources(arg)
+        else:
+            folder = Path(arg) if Path(arg).is_dir() else Path(arg).parent
+            locations = {sources.source_name(str(folder.resolve()), strict=False): arg}
+        named += [(path, name) for name, location in locations.items() for path in iter_images([Path(location)])]
+    return named
 
 
 def labelled_sources(data_path: str | Path, root: Path | None = None) -> tuple[list[Path], np.ndarray, np.ndarray]:
