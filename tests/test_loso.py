@@ -143,3 +143,23 @@ def test_one_fake_source_is_a_clear_error(two_sources, tmp_path, capsys):
                      str(tmp_path / "out"), "-S", "mlflow.enabled=false"])
     assert code == 2
     assert "deepfake loso: error: leave-one-source-out needs at least two fake sources" in capsys.readouterr().err
+
+
+def test_training_logs_each_sources_valid_auc_per_epoch(two_sources, tmp_path):
+    import torch
+
+    from deepfake_detector.detector import Decision, Detector
+    from deepfake_detector.metrics import per_source
+    from deepfake_detector.preprocess import read_index
+    from deepfake_detector.train import fit
+
+    p, processed = two_sources
+    fit(processed, tmp_path, p.model, p.train, torch.device("cpu"), p.seed, progress=False)
+    history = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [k for k in history[0] if k.startswith("valid_auc")] == ["valid_auc", "valid_auc.a", "valid_auc.b"]
+    # One epoch: the saved model is that epoch's, so scoring valid again gives the logged figures.
+    x, y = load_split(processed, "valid")
+    p_fake = Detector.from_checkpoint(tmp_path / "model.pt", Decision(), torch.device("cpu")).predict(x)
+    expected = per_source(y, p_fake, [r["source"] for r in read_index(processed, "valid")[1]], 0.5)
+    for name in "ab":
+        assert math.isclose(float(history[0][f"valid_auc.{name}"]), expected[name]["roc_auc"], abs_tol=1e-6)

@@ -36,10 +36,10 @@ from deepfake_detector.batches import Batches, resident_choice
 from deepfake_detector.checkpoint import CheckpointStore
 from deepfake_detector.distributed import SINGLE, World
 from deepfake_detector.errors import Stopped, UserError
-from deepfake_detector.metrics import compute_metrics
+from deepfake_detector.metrics import compute_metrics, per_source
 from deepfake_detector.model import build_model, save_checkpoint, to_input
 from deepfake_detector.params import ModelParams, TrainParams, to_dict
-from deepfake_detector.preprocess import load_split
+from deepfake_detector.preprocess import load_split, read_index
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # Params that change how fast training runs, never what it computes: a checkpoint made with other
@@ -259,6 +259,9 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     out_dir = Path(out_dir)
     train_x, train_y = load_split(processed_dir, "train")
     valid_x, valid_y = load_split(processed_dir, "valid")
+    # With several sources of fakes, each one's valid AUC (its fakes against all reals) is logged per epoch.
+    valid_sources = [row["source"] for row in read_index(processed_dir, "valid")[1]]
+    several = len({s for s, y in zip(valid_sources, valid_y) if y == 1}) > 1
     if len(train_x) == 0 or len(valid_x) == 0:
         raise UserError(f"{processed_dir}: train and valid splits need images "
                         f"(have {len(train_x)} and {len(valid_x)})")
@@ -303,12 +306,14 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
                 raise Stopped(stop.signum)
             sums = _reduce_sums(trainer.position.sums, world)
             distributed.sync_buffers(trainer.evaluated, world)
-            valid = compute_metrics(valid_y, validate(trainer.evaluated, valid_data, params.batch_size * 2, world,
-                                                      params.channels_last))
+            p_valid = validate(trainer.evaluated, valid_data, params.batch_size * 2, world, params.channels_last)
+            valid = compute_metrics(valid_y, p_valid)
+            by_source = per_source(valid_y, p_valid, valid_sources, 0.5) if several else {}
             trainer.seconds += time.perf_counter() - started
             row = {"epoch": epoch, "train_loss": sums["loss_sum"] / sums["seen"],
                    "train_accuracy": sums["correct"] / sums["seen"], "valid_loss": valid["log_loss"],
-                   "valid_accuracy": valid["accuracy"], "valid_auc": valid["roc_auc"], "lr": lr,
+                   "valid_accuracy": valid["accuracy"], "valid_auc": valid["roc_auc"],
+                   **{f"valid_auc.{name}": m["roc_auc"] for name, m in by_source.items()}, "lr": lr,
                    "epoch_seconds": time.perf_counter() - started}
             trainer.history.append(row)
             score = sign * monitor_score(trainer.history, monitored, params.monitor_window)
@@ -477,7 +482,8 @@ def _numpy_rng_state() -> dict[str, Any]:
 
 def _history_csv(history: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    # Every row's keys: a run resumed from a checkpoint of an older version may lack the newer columns.
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in history for k in row)), restval="")
     writer.writeheader()
     writer.writerows(history)
     return buffer.getvalue()
