@@ -29,6 +29,7 @@ from conftest import FACES_MINI, ROOT, free_port, make_dataset
 from deepfake_detector.data import download
 from deepfake_detector.params import flatten, load_params
 
+FACES_SD = FACES_MINI.parent / "faces-sd"
 needs_faces = pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 SMALL = {"data_source": str(FACES_MINI), "preprocess_limit_per_class": 8, "preprocess_image_size": 32,
          "model_arch": "cnn", "model_pretrained": "none", "model_channels": "8", "model_hidden": 8, "train_epochs": 1}
@@ -201,6 +202,19 @@ def test_whole_pipeline_runs_locally_and_registers(tmp_path, monkeypatch):
     run = client.get_run(version.run_id)
     assert run.data.params["train.epochs"] == "1" and run.data.params["data.source"] == str(FACES_MINI)
     assert "test_roc_auc" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "valid_auc")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir() or not FACES_SD.is_dir(),
+                    reason="faces-mini and faces-sd not both available")
+def test_pipeline_runs_locally_on_two_sources_with_metrics_per_source(tmp_path, monkeypatch):
+    source = f"{{stylegan: {FACES_MINI}, sd: {FACES_SD}}}"
+    run_local_pipeline(tmp_path, monkeypatch, data_source=source, mlflow_register_min_auc=0.0)
+    client, version = registered(tmp_path)
+    run = client.get_run(version.run_id)
+    assert run.data.params["data.source"] == source  # the mapping's text, through every step
+    assert {"test_per_source.stylegan.roc_auc", "test_per_source.sd.roc_auc", "valid_auc.stylegan",
+            "valid_auc.sd"} <= set(run.data.metrics)
 
 
 @pytest.mark.slow
