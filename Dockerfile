@@ -1,5 +1,5 @@
 # The project image that every Kubeflow component runs on. It installs this package from the same
-# pyproject.toml as the README's `make setup` (one dependency spec), plus the kubeflow extra. On
+# pyproject.toml as the README's `make setup` (one dependency spec), plus the kubeflow and onnx extras. On
 # x86_64, PyPI's torch wheel is a CUDA build, so the train step uses the node's GPU (the NVIDIA
 # driver comes from the node); on a CPU node the same image trains on the CPU.
 #
@@ -21,14 +21,14 @@ WORKDIR /app
 
 # The dependencies (gigabytes, torch above all) in a layer of their own, which only a change to
 # pyproject.toml rebuilds, not every code edit. pip resolves them from pyproject.toml itself, as
-# `pip install '.[kubeflow]'`, for an empty stand-in of the project: its package folders (as
+# `pip install '.[kubeflow,onnx]'`, for an empty stand-in of the project: its package folders (as
 # pyproject.toml lists them) with an empty __init__.py each, and an empty README (the real one
 # comes with the code, so editing it does not rebuild this layer). The stand-in is then
 # uninstalled and removed; no second list of dependencies to keep in step.
 COPY pyproject.toml ./
 RUN mkdir -p src/deepfake_detector components pipeline \
     && touch src/deepfake_detector/__init__.py components/__init__.py pipeline/__init__.py README.md \
-    && pip install '.[kubeflow]' \
+    && pip install '.[kubeflow,onnx]' \
     && pip uninstall -y deepfake-detector \
     && rm -rf src components pipeline build README.md
 

@@ -500,8 +500,8 @@ def test_dockerfile_installs_dependencies_before_the_code_and_runs_as_a_user():
     assert deps < copy_src < project and "--no-deps" in steps[project][1]
     assert not [i for i in at("COPY", lambda args: {"src", "components", "pipeline", "."} & set(args.split()[:-1]))
                 if i < deps]
-    # The same extras as the README tells people to install for the cluster.
-    assert extras(steps[deps][1]) == extras(readme_section("Run on Kubeflow")) == {"kubeflow"}
+    # The extras the README tells people to install for the cluster, and ONNX Runtime for the steps that score.
+    assert extras(steps[deps][1]) == extras(readme_section("Run on Kubeflow")) | {"onnx"} == {"kubeflow", "onnx"}
     users = at("USER", lambda args: True)
     assert users and users[-1] > project and steps[users[-1]][1].partition(":")[0] not in ("root", "0")
     assert at("ENV", lambda args: "HOME=" in args)

@@ -58,6 +58,25 @@ def test_small_face_in_a_big_photo_is_cropped_but_a_tight_crop_is_not():
     assert prepared.face_box == box and prepared.array.shape == (64, 64, 3)
 
 
+@needs_faces
+def test_face_search_is_skipped_for_face_crops_of_the_training_size_only():
+    face = Image.open(sorted((FACES_MINI / "real-vs-fake" / "test" / "real").glob("*.jpg"))[0]).convert("RGB")
+    square = Image.new("RGB", (400, 400), (90, 120, 90))
+    square.paste(face.resize((160, 160)), (200, 40))
+    assert largest_face(square) is not None  # a face the search finds, off centre
+    # For a 224 px model a 400 px square is a face crop (at most twice its size): scored whole, no search.
+    assert prepare(png_bytes(square), 224).face_box is None
+    assert prepare(png_bytes(square), 128).face_box == largest_face(square)  # 400 > 2 x 128: searched
+    wide = Image.new("RGB", (400, 300), (90, 120, 90))
+    wide.paste(face.resize((120, 120)), (240, 40))
+    assert prepare(png_bytes(wide), 224).face_box == largest_face(wide) is not None  # not square: searched
+    # What is refused stays refused: too small, and not an image.
+    with pytest.raises(ValueError, match="too small"):
+        prepare(png_bytes(face.resize((40, 40))), 224, min_source_size=64)
+    with pytest.raises(ValueError, match="not an image"):
+        prepare(b"no image here", 224)
+
+
 def test_grad_cam_is_a_normalised_map_over_the_image(model_dir):
     detector = Detector.from_checkpoint(model_dir)
     array = np.asarray(synthetic_face(1, 1, 32))
@@ -212,9 +231,15 @@ def test_serving_requirements_are_what_serving_imports(tmp_path, model_dir):
     import ast
     from importlib.metadata import packages_distributions
 
+    from deepfake_detector.backends import ONNX_FILE, export_onnx
+    from deepfake_detector.model import load_checkpoint
+
     Decision().write(tmp_path / "detector.json")  # face crop on: the OpenCV path runs too
-    synthetic_face(1, 0, 96).save(tmp_path / "face.png")
-    result = subprocess.run([sys.executable, "-c", SERVE_PATH, str(model_dir / "model.pt"),
+    synthetic_face(1, 0, 96).crop((0, 0, 96, 80)).save(tmp_path / "face.png")  # not a face crop: the search runs
+    # With its ONNX export beside it, as the train stage writes it: the onnxruntime backend runs too.
+    export_onnx(load_checkpoint(model_dir / "model.pt")[0], tmp_path / ONNX_FILE)
+    (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    result = subprocess.run([sys.executable, "-c", SERVE_PATH, str(tmp_path / "model.pt"),
                              str(tmp_path / "detector.json"), str(tmp_path / "face.png")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

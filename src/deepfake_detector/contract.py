@@ -31,17 +31,17 @@ _REGISTRY = ("mlflow.model_name", "mlflow.alias", "mlflow.register_min_auc")
 DOWNLOAD = Stage("download", ("data", "download"), outputs=("data/raw",))
 PREPROCESS = Stage("preprocess", ("seed", "preprocess"), ("data/raw",), ("data/processed",))
 TRAIN = Stage("train", ("seed", "model", "train", *_TRACKING), ("data/processed",),
-              ("models/model.pt", "models/run.json", "models/train.json", "models/history.csv"))
+              ("models/model.pt", "models/model.onnx", "models/run.json", "models/train.json", "models/history.csv"))
 EVALUATE = Stage(
     "evaluate", ("seed", "evaluate", *_TRACKING, *_REGISTRY),
-    ("data/processed", "models/model.pt", "models/run.json", "models/history.csv"),
+    ("data/processed", "models/model.pt", "models/model.onnx", "models/run.json", "models/history.csv"),
     ("eval/model_card.md", "eval/detector.json", "eval/metrics.json", "eval/plots/predictions.csv",
      "eval/plots/roc.json", "eval/plots/pr.json", "eval/plots/calibration.json", "eval/plots/robustness.json",
      "eval/plots/per_source.json", "eval/plots/images"))
 # A Kubeflow step of its own; under DVC and MLproject the evaluate stage registers. It reads the
 # decision settings and model card that evaluate wrote, and no param of another stage.
 REGISTER = Stage("register", ("mlflow.enabled", "mlflow.tracking_uri", *_REGISTRY),
-                 ("models/model.pt", "models/run.json", "eval/metrics.json", "eval/detector.json",
+                 ("models/model.pt", "models/model.onnx", "models/run.json", "eval/metrics.json", "eval/detector.json",
                   "eval/model_card.md"))
 
 PIPELINE = (DOWNLOAD, PREPROCESS, TRAIN, EVALUATE)  # the stages of dvc.yaml and MLproject, in order

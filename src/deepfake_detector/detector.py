@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfake_detector import backends
+from deepfake_detector.backends import ONNX_FILE
 from deepfake_detector.model import DeepfakeNet, load_checkpoint, to_input
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.predict import Prepared, prepare
 
 DECISION_FILE = "detector.json"
+PREPARE_THREADS = 4  # images read and prepared at once while the model scores
 
 
 def read_file(path: Path | str) -> bytes:
@@ -59,30 +63,26 @@ class Decision:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-@torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """P(fake) for each image of a uint8 (N, S, S, 3) array, in order; ``transform`` edits each batch."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = np.array(images[start:start + batch_size])  # a copy: memmaps are read-only
-        if transform is not None:
-            batch = transform(batch)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = model(to_input(torch.from_numpy(batch).to(device)))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
 class Detector:
-    """One model, ready to score images; safe to share between threads (it is never modified)."""
+    """One model, ready to score images; safe to share between threads (it is never modified).
+
+    ``model`` is the network as trained (Grad-CAM explains it); scores come from ``backend``
+    (:mod:`~deepfake_detector.backends`: ``torch``, its inference graph, or ``onnxruntime`` with
+    ``onnx_path``; ``auto`` picks).
+    """
 
     def __init__(self, model: DeepfakeNet, decision: Decision, source: str, device: torch.device | None = None,
-                 batch_size: int = 64, fit: str = "resize") -> None:
+                 batch_size: int = 64, fit: str = "resize", backend: str = "torch", onnx_path: Path | None = None
+                 ) -> None:
         self.device = device or torch.device("cpu")
         self.fit = fit  # how images reach the input size: as preprocess fitted the training data
         self.model = model.to(self.device).eval()
         self.decision, self.source, self.batch_size = decision, source, batch_size
+        onnx_path = Path(onnx_path) if onnx_path else Path(ONNX_FILE)
+        if backends.choose(backend, onnx_path, self.device) == "onnxruntime":
+            self.backend = backends.OnnxBackend(onnx_path, self.device)
+        else:
+            self.backend = backends.TorchBackend(self.model, self.image_size, self.device)
 
     @property
     def image_size(self) -> int:
@@ -94,7 +94,7 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: Path, decision: Decision | Path | None = None,
-                        device: torch.device | None = None, notice=print) -> Detector:
+                        device: torch.device | None = None, notice=print, backend: str = "auto") -> Detector:
         """A ``model.pt`` (or a folder holding one) with its decision settings: ``decision`` if given,
         else ``detector.json`` beside the checkpoint, else ``../eval/detector.json`` (the pipeline
         workspace), else the defaults (threshold 0.5, which ``notice`` announces, and the minimum
@@ -109,22 +109,26 @@ class Detector:
             if found is None:
                 notice(f"no {DECISION_FILE} for {checkpoint} (run the evaluate stage): threshold 0.5")
             decision = Decision.read(found) if found else Decision(min_source_size=ckpt.get("min_source_size", 1))
-        return cls(model, decision, f"local {checkpoint}", device, fit=ckpt.get("fit", "resize"))
+        return cls(model, decision, f"local {checkpoint}", device, fit=ckpt.get("fit", "resize"), backend=backend,
+                   onnx_path=checkpoint.parent / ONNX_FILE)
 
     @classmethod
-    def load(cls, model: str, mlflow_params=None, device: torch.device | None = None) -> Detector:
+    def load(cls, model: str, mlflow_params=None, device: torch.device | None = None, backend: str = "auto"
+             ) -> Detector:
         """A local model folder/file, or an MLflow model URI (``models:/NAME@ALIAS``, ``runs:/...``),
         whose checkpoint and settings are downloaded: nothing is unpickled, no logged code runs."""
         if Path(model).exists():
-            return cls.from_checkpoint(Path(model), device=device)
-        return cls.from_registry(model, mlflow_params, device)
+            return cls.from_checkpoint(Path(model), device=device, backend=backend)
+        return cls.from_registry(model, mlflow_params, device, backend)
 
     @classmethod
-    def from_registry(cls, model_uri: str, mlflow_params=None, device: torch.device | None = None) -> Detector:
+    def from_registry(cls, model_uri: str, mlflow_params=None, device: torch.device | None = None,
+                      backend: str = "auto") -> Detector:
         from deepfake_detector.tracking import download_model
 
         folder, described = download_model(model_uri, mlflow_params)
-        detector = cls.from_checkpoint(folder, device=device, notice=lambda m: print(m, file=sys.stderr))
+        detector = cls.from_checkpoint(folder, device=device, notice=lambda m: print(m, file=sys.stderr),
+                                       backend=backend)
         detector.source = described
         return detector
 
@@ -135,8 +139,13 @@ class Detector:
         return prepare(data, self.image_size, crop, min_source_size=self.decision.min_source_size, fit=self.fit)
 
     def predict(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-        """P(fake) of each prepared uint8 (N, S, S, 3) image."""
-        return predict_proba(self.model, images, self.batch_size, self.device, transform)
+        """P(fake) of each prepared uint8 (N, S, S, 3) image, ``batch_size`` at a time; ``transform``
+        edits each batch (a copy: memmaps are read-only)."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = np.array(images[start:start + self.batch_size])
+            out.append(self.backend(transform(batch) if transform is not None else batch))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def label(self, p_fake: float) -> str:
         return "fake" if p_fake >= self.threshold else "real"
@@ -151,17 +160,38 @@ class Detector:
         image gets its reason and does not stop the others.
         """
         p_fake, errors = np.full(len(items), np.nan, dtype=np.float32), [""] * len(items)
-        for start in range(0, len(items), self.batch_size):
-            images, rows = [], []
-            for i in range(start, min(start + self.batch_size, len(items))):
-                try:
-                    images.append(self.prepare(read(items[i]), crop_faces).array)
-                    rows.append(i)
-                except (ValueError, OSError, TypeError) as exc:  # binascii.Error is a ValueError
-                    errors[i] = str(exc) or type(exc).__name__
-            if images:
-                p_fake[rows] = self.predict(np.stack(images))
+        for start, scores, reasons in self.batches(items, read, crop_faces):
+            p_fake[start:start + len(scores)], errors[start:start + len(scores)] = scores, reasons
         return p_fake, errors
+
+    def batches(self, items: Sequence[Any], read: Callable[[Any], bytes] = read_file,
+                crop_faces: bool | None = None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+        """:meth:`score`, a batch at a time: ``(start, P(fake), reasons)`` of ``items[start:start + n]``.
+
+        Reading, decoding and face-cropping run on :data:`PREPARE_THREADS` threads (Pillow and OpenCV
+        release the GIL), the next batch's while the model scores this one: at most two batches of
+        decoded images are held at once.
+        """
+
+        def prepared(i: int) -> np.ndarray | str:
+            try:
+                return self.prepare(read(items[i]), crop_faces).array
+            except (ValueError, OSError, TypeError) as exc:  # binascii.Error is a ValueError
+                return str(exc) or type(exc).__name__
+
+        starts = range(0, len(items), self.batch_size)
+        with ThreadPoolExecutor(min(PREPARE_THREADS, self.batch_size)) as pool:
+            submit = lambda start: [pool.submit(prepared, i)  # noqa: E731
+                                    for i in range(start, min(start + self.batch_size, len(items)))]
+            upcoming = submit(0) if len(items) else []
+            for start in starts:
+                results = [f.result() for f in upcoming]
+                upcoming = submit(start + self.batch_size) if start + self.batch_size < len(items) else []
+                rows = [i for i, r in enumerate(results) if not isinstance(r, str)]
+                scores = np.full(len(results), np.nan, dtype=np.float32)
+                if rows:
+                    scores[rows] = self.predict(np.stack([results[i] for i in rows]))
+                yield start, scores, [r if isinstance(r, str) else "" for r in results]
 
     def score_files(self, paths: Sequence[Path], crop_faces: bool | None = None
                     ) -> tuple[np.ndarray, dict[Path, str], list[int]]:

@@ -41,7 +41,7 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     meta = json.loads((Path(processed_dir) / "meta.json").read_text())
-    detector = Detector.from_checkpoint(model_path, Decision(), device)
+    detector = Detector.from_checkpoint(model_path, Decision(), device, backend=params.backend)
     detector.batch_size = params.batch_size
     valid_x, valid_y = load_split(processed_dir, "valid")
     threshold = choose_threshold(valid_y, detector.predict(valid_x), params.threshold_rule, params.target_fpr,

@@ -195,7 +195,10 @@ class RobustnessParams(_Checked):
 
 @dataclass(frozen=True)
 class EvaluateParams(_Checked):
-    batch_size: int = 128
+    batch_size: int = at_least(1, 128)  # images scored at a time (evaluate, predict, serving)
+    # How P(fake) is computed (backends.py): torch (an inference graph of the network) or onnxruntime
+    # (model.onnx, the onnx extra); auto: onnxruntime on a CPU where it and the model's ONNX file are there.
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     # Chosen on the valid split: eer | max_accuracy | target_fpr | fixed. eer (false positive rate =
     # miss rate) is steadier than max_accuracy on a small valid split (docs/experiments.md, Results).
     threshold_rule: Literal["eer", "max_accuracy", "target_fpr", "fixed"] = "eer"

@@ -23,7 +23,7 @@ from deepfake_detector.predict import iter_images
 def load_detector(p: Params, model: str, threshold: float | None = None) -> Detector:
     """The :class:`Detector` of a local model folder/file or an MLflow model URI, on the best device;
     ``threshold`` overrides its own."""
-    detector = Detector.load(model, p.mlflow, resolve_device("auto"))
+    detector = Detector.load(model, p.mlflow, resolve_device("auto"), p.evaluate.backend)
     detector.batch_size = p.evaluate.batch_size
     if threshold is not None:
         detector.decision = replace(detector.decision, threshold=threshold)
@@ -44,10 +44,8 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
     with Path(out).open("w", newline="") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
         writer = csv.writer(f)
         writer.writerow(["path", "source", "p_fake", "label", "error"])
-        for start in range(0, len(files), p.evaluate.batch_size):
-            chunk = files[start:start + p.evaluate.batch_size]
-            p_fake, errors = detector.score(chunk, crop_faces=crop_faces)
-            for path, name, score, error in zip(chunk, names[start:], p_fake, errors):
+        for start, p_fake, errors in detector.batches(files, crop_faces=crop_faces):
+            for path, name, score, error in zip(files[start:], names[start:], p_fake, errors):
                 if error:
                     counts["unreadable"] += 1
                     writer.writerow([path, name, "", "", error])
@@ -55,7 +53,7 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
                     label = detector.label(score)
                     counts[label] += 1
                     writer.writerow([path, name, f"{score:.6f}", label, ""])
-            bar.update(len(chunk))
+            bar.update(len(p_fake))
     return {**counts, "threshold": detector.threshold}
 
 

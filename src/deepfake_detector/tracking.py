@@ -31,6 +31,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from deepfake_detector.backends import ONNX_FILE, onnxruntime_installed
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import MlflowParams, project_root
 
@@ -38,7 +39,8 @@ RUN_FILE = "run.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What the serving path (serving.py and the modules it imports) needs, as pip names; a test
 # checks it against what importing serving.py actually loads.
-SERVING_REQUIREMENTS = ("torch", "numpy", "pillow", "pandas", "opencv-python-headless", "pyyaml", "tqdm")
+SERVING_REQUIREMENTS = ("torch", "numpy", "pillow", "pandas", "opencv-python-headless", "pyyaml", "tqdm",
+                        "onnxruntime")  # onnxruntime where installed: the faster backend
 
 
 class TrackingError(UserError):
@@ -193,9 +195,11 @@ class Tracker:
         with _errors("log the model"):
             return mlflow.pyfunc.log_model(
                 name="model", python_model=str(PACKAGE_DIR / "serving.py"),
-                artifacts={"checkpoint": str(checkpoint), "decision": str(decision)},
+                artifacts={"checkpoint": str(checkpoint), "decision": str(decision),
+                           **({"onnx": str(onnx)} if (onnx := checkpoint.parent / ONNX_FILE).is_file() else {})},
                 code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-                pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS],
+                pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS
+                                  if name != "onnxruntime" or onnxruntime_installed()],
             ).model_uri
 
     def logged_params(self) -> dict[str, str]:

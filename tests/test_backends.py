@@ -1,0 +1,129 @@
+"""Inference backends: batch norm folded for any arch, the ONNX export and its check, the backend
+choice in predict, evaluate and serving, and the error when ONNX Runtime is missing."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_face
+from deepfake_detector import backends
+from deepfake_detector.backends import ONNX_FILE, OnnxBackend, TorchBackend, export_onnx, fold_batch_norm
+from deepfake_detector.detector import Decision, Detector
+from deepfake_detector.errors import UserError
+from deepfake_detector.model import build_model, load_checkpoint
+from deepfake_detector.params import ARCHS, ModelParams, Params, with_overrides
+from deepfake_detector.preprocess import load_split
+from deepfake_detector.scoring import predict_paths
+
+FOLD_CASES = [a if a in ("cnn", "resnet18") else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
+
+
+@pytest.mark.parametrize("arch", FOLD_CASES)
+def test_batch_norm_folds_into_the_convolutions_of_every_arch(arch):
+    torch.manual_seed(0)
+    model = build_model(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), 64)
+    for m in model.modules():  # statistics away from the identity, so a missed or wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    folded = fold_batch_norm(model, 64)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+    left = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # Every BN of these archs follows a convolution directly; convnext has none (LayerNorm).
+    assert left == [] and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == (arch != "convnext_tiny")
+
+
+def test_onnx_export_round_trips_any_batch_size_within_tolerance(tmp_path, synthetic_model, synthetic_processed):
+    model, _ = load_checkpoint(synthetic_model / "model.pt")
+    images = np.array(load_split(synthetic_processed, "valid")[0])
+    report = export_onnx(model, tmp_path / ONNX_FILE, images)
+    assert report["checked"] == len(images) and report["max_abs_diff"] <= backends.TOLERANCE
+    onnx, eager = OnnxBackend(tmp_path / ONNX_FILE, torch.device("cpu")), TorchBackend(model, 32, torch.device("cpu"))
+    for n in (1, 5):
+        assert np.abs(onnx(images[:n]) - eager(images[:n])).max() <= backends.TOLERANCE
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary file left
+
+
+def test_backend_choice_and_the_missing_onnxruntime_error(tmp_path, synthetic_model, monkeypatch):
+    model_dir = tmp_path / "model"
+    shutil.copytree(synthetic_model, model_dir)
+    monkeypatch.delenv("DEEPFAKE_BACKEND", raising=False)
+    quiet = {"notice": lambda _: None}
+    # No model.onnx: auto is torch, and asking for onnxruntime says what is missing.
+    assert Detector.from_checkpoint(model_dir, **quiet).backend.name == "torch"
+    with pytest.raises(UserError, match="model.onnx not found: models trained before the ONNX export"):
+        Detector.from_checkpoint(model_dir, backend="onnxruntime", **quiet)
+    export_onnx(load_checkpoint(model_dir / "model.pt")[0], model_dir / ONNX_FILE)
+    assert Detector.from_checkpoint(model_dir, **quiet).backend.name == "onnxruntime"  # auto, on a CPU
+    assert Detector.from_checkpoint(model_dir, backend="torch", **quiet).backend.name == "torch"
+    monkeypatch.setenv("DEEPFAKE_BACKEND", "torch")  # what serving and the app read
+    assert Detector.from_checkpoint(model_dir, **quiet).backend.name == "torch"
+    monkeypatch.delenv("DEEPFAKE_BACKEND")
+    # ONNX Runtime not installed (the import system finds no such module): auto falls back, a request fails clearly.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert Detector.from_checkpoint(model_dir, **quiet).backend.name == "torch"
+    with pytest.raises(UserError, match=r"needs the onnxruntime package: pip install 'deepfake-detector\[onnx\]'"):
+        Detector.from_checkpoint(model_dir, backend="onnxruntime", **quiet)
+
+
+def test_predict_and_evaluate_give_the_same_answers_on_both_backends(tmp_path, synthetic_model, synthetic_processed):
+    from deepfake_detector import evaluate
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(synthetic_model, model_dir)
+    export_onnx(load_checkpoint(model_dir / "model.pt")[0], model_dir / ONNX_FILE)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        synthetic_face(i % 2, 300 + i, 32).save(photos / f"{i}.png")
+    rows, metrics = {}, {}
+    for backend in ("torch", "onnxruntime"):
+        p = with_overrides(Params(), [f"evaluate.backend={backend}", "preprocess.image_size=32"])
+        predict_paths(p, [photos], str(model_dir), tmp_path / f"{backend}.csv")
+        rows[backend] = list(csv.DictReader((tmp_path / f"{backend}.csv").open()))
+        metrics[backend] = evaluate.run(synthetic_processed, model_dir / "model.pt", tmp_path / f"eval-{backend}",
+                                        p.evaluate, torch.device("cpu"), seed=0)
+    assert [r["label"] for r in rows["torch"]] == [r["label"] for r in rows["onnxruntime"]]
+    assert max(abs(float(a["p_fake"]) - float(b["p_fake"])) for a, b in zip(*rows.values())) <= 1e-4
+    for key in ("roc_auc", "accuracy", "threshold", "eer"):
+        assert metrics["torch"][key] == pytest.approx(metrics["onnxruntime"][key], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_served_model_scores_with_onnxruntime_when_logged_with_its_export(tmp_path, synthetic_model, monkeypatch):
+    """A model logged with its model.onnx, loaded back as the pyfunc MLflow serves: ONNX Runtime scores it."""
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+
+    from deepfake_detector.params import MlflowParams
+    from deepfake_detector.tracking import Tracker
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(synthetic_model, model_dir)
+    export_onnx(load_checkpoint(model_dir / "model.pt")[0], model_dir / ONNX_FILE)
+    Decision(threshold=0.5).write(model_dir / "detector.json")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("DEEPFAKE_BACKEND", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker.start(MlflowParams(tracking_uri=uri, experiment="onnx"), "onnx", {}, {})
+    buffer = io.BytesIO()
+    synthetic_face(1, 5, 32).save(buffer, format="PNG")
+    with tracker.running():
+        model_uri = tracker.log_model(model_dir / "model.pt", model_dir / "detector.json", buffer.getvalue())
+    served = mlflow.pyfunc.load_model(model_uri)
+    assert served.unwrap_python_model().detector.backend.name == "onnxruntime"
+    out = served.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode(), "not base64!"]}))
+    local = Detector.from_checkpoint(model_dir, backend="torch")
+    expected = local.predict(local.prepare(buffer.getvalue()).array[None])[0]
+    assert out["p_fake"][0] == pytest.approx(expected, abs=1e-4) and out["error"][1] and np.isnan(out["p_fake"][1])
