@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_dataset
+from conftest import FACES_MINI, ROOT, make_dataset
 from deepfake_detector.train import cpu_has_bf16
 
 pytestmark = pytest.mark.slow  # each runs a benchmark script end to end
@@ -101,3 +101,30 @@ def test_levers_scores_each_recipe_on_valid_and_on_each_source_left_out(tmp_path
                 str(tmp_path / "out"), "--recipes", "baseline", "crop", "--seeds", "0",
                 "--params", str(ROOT / "params.yaml"), *(arg for o in overrides for arg in ("-S", o))).stdout
     assert again.startswith("0 fits to run (6 done before)")
+
+
+@pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
+def test_predict_latency_times_each_step_and_option_and_checks_the_answers(tmp_path, synthetic_model):
+    from deepfake_detector.backends import ONNX_FILE, export_onnx
+    from deepfake_detector.model import load_checkpoint
+
+    shutil.copytree(synthetic_model, tmp_path / "model")
+    export_onnx(load_checkpoint(tmp_path / "model" / "model.pt")[0], tmp_path / "model" / ONNX_FILE)
+    out = run("benchmarks/predict_latency.py", str(tmp_path / "model"), "--images", "6", "--batch-size", "4",
+              "--json", str(tmp_path / "figures.json")).stdout
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert set(figures["batch"]) == {"before (sequential, eager)", "now (torch)", "now (onnxruntime)"}
+    assert {"decode", "face search, before", "fit to input size"} <= set(figures["steps"]["steps"])
+    fp32 = {k: v for k, v in figures["agreement"].items() if "bf16" not in k}
+    assert "model: onnxruntime" in figures["steps"]["model"] and len(fp32) >= 4
+    assert all(row["max_abs_diff"] <= 1e-4 and row["labels_changed"] == 0 for row in fp32.values()), out
+
+
+@pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
+def test_serving_load_answers_every_concurrent_request(tmp_path, synthetic_model):
+    from deepfake_detector.detector import Decision
+
+    shutil.copytree(synthetic_model, tmp_path / "model")
+    Decision(min_source_size=16).write(tmp_path / "model" / "detector.json")
+    out = run("benchmarks/serving_load.py", str(tmp_path / "model"), "--clients", "3", "--requests", "2").stdout
+    assert "3 clients x 2 requests" in out and "0 errors" in out and "the face scored" in out

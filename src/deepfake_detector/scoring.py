@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from deepfake_detector import data, evaluate, sources
+from deepfake_detector import data, sources
 from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.detector import Detector
 from deepfake_detector.device import resolve_device
-from deepfake_detector.metrics import full_report, per_source
 from deepfake_detector.params import Params
 from deepfake_detector.predict import iter_images
 
@@ -113,6 +112,10 @@ def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, thr
     ``root``, else found beside it (see :func:`data.labelled_files`). ``out`` is replaced only
     once complete.
     """
+    # Here, not at the top: scikit-learn and the plots are a second of start-up that predict does not need.
+    from deepfake_detector import evaluate
+    from deepfake_detector.metrics import full_report, per_source
+
     paths, labels, names = labelled_sources(data_path, root)
     detector = load_detector(p, model, threshold)
     with replacing_dir(out, evaluate.OUTPUTS) as staging:  # entered first: a refused --out fails fast
