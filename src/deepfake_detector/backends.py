@@ -66,7 +66,7 @@ def fold_batch_norm(model: nn.Module, image_size: int) -> nn.Module:
     handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else bn_hook)
                for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     with torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
     for handle in handles:
         handle.remove()
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
