@@ -54,6 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the store we log to is the one the server reads, whatever was set
         os.chdir(tmp)  # the store's artifacts (./mlruns) land here
         tracker = Tracker.start(MlflowParams(tracking_uri=uri, experiment="serving-load"), "serving-load", {}, {})
         with tracker.running():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def test_train_throughput_prints_real_and_synthetic_rates():
     assert [row[3] for row in rows] == (["bfloat16", "float32"] if cpu_has_bf16() else ["float32"])
     for row in rows:
         real, aug, synthetic, ratio = map(float, row[6:10])
-        assert min(real, aug, synthetic) > 0 and abs(ratio - real / synthetic) < 0.01
+        # The rates are printed to 0.1 img/s: the printed ratio matches theirs to within that rounding.
+        assert min(real, aug, synthetic) > 0 and math.isclose(ratio, real / synthetic, rel_tol=0.01)
 
 
 def test_learning_curve_writes_a_row_per_size(tmp_path, synthetic_processed):

@@ -289,3 +289,15 @@ def test_a_model_not_yet_evaluated_refuses_what_preprocess_quarantines(tmp_path,
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert rows["tiny.png"]["label"] == "" and "16" in rows["tiny.png"]["error"], rows["tiny.png"]
     assert rows["face.png"]["label"] in ("real", "fake")
+
+
+def test_face_cascades_load_safely_from_several_threads_at_once():
+    """A fresh process whose first face searches start on several threads together (what batch
+    scoring does): OpenCV's first import must not be seen half made (it failed 4 runs in 6 before)."""
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "from deepfake_detector.predict import _cascade\n"
+            "with ThreadPoolExecutor(8) as pool:\n"
+            "    assert len({id(c) for c in pool.map(lambda _: _cascade(), range(32))}) >= 1\n")
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr

@@ -59,12 +59,17 @@ def face_crop(image: Image.Image, size: int) -> bool:
 _local = threading.local()
 
 
+_first_import = threading.Lock()
+
+
 def _cascade():
     """The Haar face cascade, loaded once per thread (loading costs ~10 ms; a classifier is not shared)."""
-    import cv2  # optional at import time: only cropping needs it
-
     if not hasattr(_local, "cascade"):
-        _local.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+        # OpenCV's package replaces itself while it is first imported: two threads at once can see it half made.
+        with _first_import:
+            import cv2  # optional at import time: only cropping needs it
+
+            _local.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
     return _local.cascade
 
 
