@@ -141,6 +141,13 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
     assert {r["source"] for r in rows.values()} == {"photos"}  # the folder given names every image under it
 
 
+def test_predict_of_a_folder_without_images_writes_an_empty_csv(tmp_path, model_dir):
+    (tmp_path / "empty").mkdir()
+    summary = predict_paths(Params(), [tmp_path / "empty"], str(model_dir), tmp_path / "preds.csv")
+    assert summary["images"] == 0 and (tmp_path / "preds.csv").read_text().splitlines() == [
+        "path,source,p_fake,label,error"]
+
+
 def test_predict_names_each_images_source_as_given(tmp_path, model_dir):
     for name in ("gan", "diffusion"):
         (tmp_path / name).mkdir()

@@ -37,7 +37,8 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
     Each image's source is named as in :func:`named_images`.
     """
     detector = load_detector(p, model, threshold)
-    files, names = zip(*named_images(paths)) if paths else ((), ())
+    named = named_images(paths)
+    files, names = [path for path, _ in named], [name for _, name in named]
     counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with Path(out).open("w", newline="") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
