@@ -110,8 +110,11 @@ def summarise(rows: list[dict], sources: list[str]) -> str:
         def out(source: str, split: str) -> list[float]:
             return [r[split][source]["roc_auc"] for r in mine if r["left_out"] == source and source in r[split]]
 
-        per_seed_mean = [np.mean([out(s, "valid")[i] for s in sources]) for i in range(min(len(out(s, "valid"))
-                                                                                            for s in sources))]
+        # The held-out mean of each seed whose every leave-out fit finished.
+        held = {(r["seed"], r["left_out"]): r["valid"][r["left_out"]]["roc_auc"] for r in mine
+                if r["left_out"] is not None and r["left_out"] in r["valid"]}
+        per_seed_mean = [np.mean([held[seed, s] for s in sources]) for seed in seeds
+                         if all((seed, s) in held for s in sources)]
         lines.append("| " + " | ".join([
             recipe, str(len(seeds)), cell([r["valid_auc"] for r in full]),
             cell([min(v["roc_auc"] for v in r["valid"].values()) for r in full]),

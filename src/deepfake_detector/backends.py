@@ -17,7 +17,6 @@ import copy
 import io
 import os
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -28,7 +27,6 @@ from deepfake_detector.atomic import replacing_file
 from deepfake_detector.errors import UserError
 from deepfake_detector.model import to_input
 
-Backend = Literal["auto", "torch", "onnxruntime"]
 ONNX_FILE = "model.onnx"  # beside model.pt
 TOLERANCE = 1e-4  # largest P(fake) difference an export may show against PyTorch
 
@@ -129,18 +127,19 @@ def onnxruntime_installed() -> bool:
     return True
 
 
-def choose(backend: str, onnx_path: Path, device: torch.device) -> str:
+def choose(backend: str, onnx_path: Path | None, device: torch.device) -> str:
     """``torch`` or ``onnxruntime`` for ``backend`` (``auto``: ONNX Runtime on a CPU where it is installed
-    and ``onnx_path`` exists); the environment variable DEEPFAKE_BACKEND overrides ``auto``."""
+    and the model has ``onnx_path``); the environment variable DEEPFAKE_BACKEND overrides ``auto``."""
     backend = os.environ.get("DEEPFAKE_BACKEND", backend) if backend == "auto" else backend
+    has_onnx = onnx_path is not None and onnx_path.is_file()
     if backend == "auto":
-        return "onnxruntime" if device.type == "cpu" and onnx_path.is_file() and onnxruntime_installed() else "torch"
+        return "onnxruntime" if device.type == "cpu" and has_onnx and onnxruntime_installed() else "torch"
     if backend not in ("torch", "onnxruntime"):
         raise UserError(f"backend must be one of auto, torch, onnxruntime, got {backend!r}")
     if backend == "onnxruntime":
         import_onnxruntime()
-        if not onnx_path.is_file():
-            raise UserError(f"{onnx_path} not found: models trained before the ONNX export have none; "
+        if not has_onnx:
+            raise UserError(f"{onnx_path or ONNX_FILE} not found: models trained before the ONNX export have none; "
                             "train again or use the torch backend")
     return backend
 

@@ -78,7 +78,7 @@ class Detector:
         self.fit = fit  # how images reach the input size: as preprocess fitted the training data
         self.model = model.to(self.device).eval()
         self.decision, self.source, self.batch_size = decision, source, batch_size
-        onnx_path = Path(onnx_path) if onnx_path else Path(ONNX_FILE)
+        onnx_path = Path(onnx_path) if onnx_path else None  # a model without one scores with torch
         if backends.choose(backend, onnx_path, self.device) == "onnxruntime":
             self.backend = backends.OnnxBackend(onnx_path, self.device)
         else:
@@ -179,14 +179,15 @@ class Detector:
             except (ValueError, OSError, TypeError) as exc:  # binascii.Error is a ValueError
                 return str(exc) or type(exc).__name__
 
-        starts = range(0, len(items), self.batch_size)
         with ThreadPoolExecutor(min(PREPARE_THREADS, self.batch_size)) as pool:
-            submit = lambda start: [pool.submit(prepared, i)  # noqa: E731
-                                    for i in range(start, min(start + self.batch_size, len(items)))]
-            upcoming = submit(0) if len(items) else []
-            for start in starts:
+
+            def submit(start: int) -> list:
+                return [pool.submit(prepared, i) for i in range(start, min(start + self.batch_size, len(items)))]
+
+            upcoming = submit(0)
+            for start in range(0, len(items), self.batch_size):
                 results = [f.result() for f in upcoming]
-                upcoming = submit(start + self.batch_size) if start + self.batch_size < len(items) else []
+                upcoming = submit(start + self.batch_size)  # empty past the end
                 rows = [i for i, r in enumerate(results) if not isinstance(r, str)]
                 scores = np.full(len(results), np.nan, dtype=np.float32)
                 if rows:

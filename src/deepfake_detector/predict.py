@@ -56,9 +56,7 @@ def face_crop(image: Image.Image, size: int) -> bool:
     return image.size[0] == image.size[1] <= 2 * size
 
 
-_local = threading.local()
-
-
+_local = threading.local()  # one face cascade per thread
 _first_import = threading.Lock()
 
 
