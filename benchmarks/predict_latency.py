@@ -11,7 +11,8 @@ On faces-mini test images (real files: decode, face search, fit, model) it print
 - single image end to end (bytes to P(fake)): p50 / p95, before and now;
 - batch scoring of every image (``Detector.score``): images/s, before (sequential, eager) and now
   (reading overlapped with scoring), per backend;
-- each option's largest P(fake) difference from the eager fp32 model and whether any label changes.
+- each option's largest P(fake) difference from the eager fp32 model and whether any label changes;
+- ``deepfake predict`` of one image in a new process, wall seconds per backend (start-up included).
 Ratios are to the path before, measured in the same run.
 """
 
@@ -20,6 +21,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from deepfake_detector import backends
+from deepfake_detector import backends, torch_backend
 from deepfake_detector.detector import Detector
 from deepfake_detector.predict import fit_image, largest_face
 from deepfake_detector.preprocess import decode_image
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--faces", type=Path, default=FACES_MINI, help="a faces-mini folder")
+    parser.add_argument("--runs", type=int, default=3, help="`deepfake predict` start-ups timed per backend")
     args = parser.parse_args()
     device = torch.device(args.device)
     files = sorted((args.faces / "real-vs-fake" / "test").rglob("*.jpg"))[: args.images]
@@ -96,14 +101,14 @@ def main() -> None:
         print("  face search: n/a (this OpenCV has no CascadeClassifier): left out of the before path too")
     report("steps", "fit to input size", timed(lambda im: fit_image(im, size, 1), decoded))
     arrays = np.stack([fit_image(im, size, 1) for im in decoded])
-    options = {"eager (before)": backends.TorchBackend(model, size, device, fold=False, channels_last=False),
-               "batch norm folded": backends.TorchBackend(model, size, device, channels_last=False),
-               "folded + channels_last": backends.TorchBackend(model, size, device)}
+    options = {"eager (before)": torch_backend.TorchBackend(model, size, device, fold=False, channels_last=False),
+               "batch norm folded": torch_backend.TorchBackend(model, size, device, channels_last=False),
+               "folded + channels_last": torch_backend.TorchBackend(model, size, device)}
     if device.type == "cpu" and cpu_has_bf16():
         options["folded + channels_last, bf16"] = _Bf16(options["folded + channels_last"])
     onnx = args.model / backends.ONNX_FILE if args.model.is_dir() else args.model.parent / backends.ONNX_FILE
     if onnx.is_file() and backends.onnxruntime_installed():
-        options["onnxruntime"] = backends.OnnxBackend(onnx, device)
+        options["onnxruntime"] = backends.OnnxBackend(onnx, device.type == "cuda")
         print(f"  (onnxruntime runs on {options['onnxruntime'].session.get_providers()[0]})")
     singles = [a[None] for a in arrays]
     eager_single = None
@@ -168,6 +173,20 @@ def main() -> None:
     for name, detector in now.items():
         detector.batch_size = args.batch_size
         batch_rate(f"now ({name})", lambda d=detector: d.score(payloads, read=lambda b: b))
+
+    print(f"`deepfake predict` of one image, a new process (median wall of {args.runs} runs):")
+    figures["predict_one_s"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in now:
+            command = [sys.executable, "-m", "deepfake_detector.cli", "predict", str(files[0]), "--model",
+                       str(args.model), "--out", f"{tmp}/preds.csv", "-S", f"evaluate.backend={name}"]
+            walls = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True)
+                walls.append(time.perf_counter() - start)
+            figures["predict_one_s"][name] = float(np.median(walls))
+            print(f"  {name:<34} {np.median(walls):7.2f} s")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
@@ -175,7 +194,7 @@ def main() -> None:
 class _Bf16:
     """The torch backend under bf16 autocast on a CPU (AVX512-BF16 / AMX)."""
 
-    def __init__(self, backend: backends.TorchBackend) -> None:
+    def __init__(self, backend: torch_backend.TorchBackend) -> None:
         self.backend = backend
 
     @torch.inference_mode()

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import synthetic_face
-from deepfake_detector import backends
-from deepfake_detector.backends import ONNX_FILE, OnnxBackend, TorchBackend, export_onnx, fold_batch_norm
+from deepfake_detector.backends import ONNX_FILE, OnnxBackend
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
 from deepfake_detector.model import build_model, load_checkpoint
 from deepfake_detector.params import ARCHS, ModelParams, Params, with_overrides
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.scoring import predict_paths
+from deepfake_detector.torch_backend import TOLERANCE, TorchBackend, export_onnx, fold_batch_norm
 
 FOLD_CASES = [a if a in ("cnn", "resnet18") else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
 
@@ -45,10 +45,10 @@ def test_onnx_export_round_trips_any_batch_size_within_tolerance(tmp_path, synth
     model, _ = load_checkpoint(synthetic_model / "model.pt")
     images = np.array(load_split(synthetic_processed, "valid")[0])
     report = export_onnx(model, tmp_path / ONNX_FILE, images)
-    assert report["checked"] == len(images) and report["max_abs_diff"] <= backends.TOLERANCE
-    onnx, eager = OnnxBackend(tmp_path / ONNX_FILE, torch.device("cpu")), TorchBackend(model, 32, torch.device("cpu"))
+    assert report["checked"] == len(images) and report["max_abs_diff"] <= TOLERANCE
+    onnx, eager = OnnxBackend(tmp_path / ONNX_FILE), TorchBackend(model, 32, torch.device("cpu"))
     for n in (1, 5):
-        assert np.abs(onnx(images[:n]) - eager(images[:n])).max() <= backends.TOLERANCE
+        assert np.abs(onnx(images[:n]) - eager(images[:n])).max() <= TOLERANCE
     assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary file left
 
 
@@ -127,3 +127,43 @@ def test_served_model_scores_with_onnxruntime_when_logged_with_its_export(tmp_pa
     local = Detector.from_checkpoint(model_dir, backend="torch")
     expected = local.predict(local.prepare(buffer.getvalue()).array[None])[0]
     assert out["p_fake"][0] == pytest.approx(expected, abs=1e-4) and out["error"][1] and np.isnan(out["p_fake"][1])
+
+
+PREDICT_ONE = """
+import sys
+from deepfake_detector.params import Params
+from deepfake_detector.scoring import predict_paths
+summary = predict_paths(Params(), [sys.argv[2]], sys.argv[1], sys.argv[3])
+print(summary["images"], summary["unreadable"], "torch" in sys.modules)
+"""
+
+
+def test_onnx_runtime_scores_without_importing_torch(tmp_path, synthetic_model, monkeypatch):
+    """model.onnx carries the input size, fit and minimum source size: `deepfake predict` on ONNX Runtime
+    never imports torch (1.2 s of a one-image run), and gives torch's answer; Grad-CAM loads model.pt then."""
+    import subprocess
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(synthetic_model, model_dir)
+    model, ckpt = load_checkpoint(model_dir / "model.pt")
+    export_onnx(model, model_dir / ONNX_FILE, fit=ckpt["fit"], min_source_size=7)
+    assert OnnxBackend(model_dir / ONNX_FILE).metadata == {"image_size": 32, "fit": ckpt["fit"], "min_source_size": 7}
+    synthetic_face(1, 3, 32).save(tmp_path / "face.png")
+    monkeypatch.delenv("DEEPFAKE_BACKEND", raising=False)
+    out = tmp_path / "preds.csv"
+    result = subprocess.run([sys.executable, "-c", PREDICT_ONE, str(model_dir), str(tmp_path / "face.png"), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-3:] == ["1", "0", "False"]  # scored, and torch never imported
+    (row,) = csv.DictReader(out.open())
+    torch_detector = Detector.from_checkpoint(model_dir, backend="torch", notice=lambda _: None)
+    expected = torch_detector.predict(torch_detector.prepare((tmp_path / "face.png").read_bytes()).array[None])[0]
+    assert float(row["p_fake"]) == pytest.approx(float(expected), abs=1e-4)
+    # The Decision without detector.json takes the minimum source size from the metadata: a 6 px image is refused.
+    onnx_detector = Detector.from_checkpoint(model_dir, notice=lambda _: None)
+    assert onnx_detector.backend.name == "onnxruntime" and onnx_detector.decision.min_source_size == 7
+    synthetic_face(1, 3, 6).save(tmp_path / "tiny.png")
+    with pytest.raises(ValueError, match="too small"):
+        onnx_detector.prepare((tmp_path / "tiny.png").read_bytes())
+    image = onnx_detector.prepare((tmp_path / "face.png").read_bytes()).array
+    assert np.allclose(onnx_detector.explain(image), torch_detector.explain(image), atol=1e-5)

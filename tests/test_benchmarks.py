@@ -107,15 +107,17 @@ def test_levers_scores_each_recipe_on_valid_and_on_each_source_left_out(tmp_path
 
 @pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 def test_predict_latency_times_each_step_and_option_and_checks_the_answers(tmp_path, synthetic_model):
-    from deepfake_detector.backends import ONNX_FILE, export_onnx
+    from deepfake_detector.backends import ONNX_FILE
     from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.torch_backend import export_onnx
 
     shutil.copytree(synthetic_model, tmp_path / "model")
     export_onnx(load_checkpoint(tmp_path / "model" / "model.pt")[0], tmp_path / "model" / ONNX_FILE)
     out = run("benchmarks/predict_latency.py", str(tmp_path / "model"), "--images", "6", "--batch-size", "4",
-              "--json", str(tmp_path / "figures.json")).stdout
+              "--runs", "1", "--json", str(tmp_path / "figures.json")).stdout
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert set(figures["batch"]) == {"before (sequential, eager)", "now (torch)", "now (onnxruntime)"}
+    assert set(figures["predict_one_s"]) == {"torch", "onnxruntime"} and min(figures["predict_one_s"].values()) > 0
     assert {"decode", "face search, before", "fit to input size"} <= set(figures["steps"]["steps"])
     fp32 = {k: v for k, v in figures["agreement"].items() if "bf16" not in k}
     assert "model: onnxruntime" in figures["steps"]["model"] and len(fp32) >= 4

@@ -238,19 +238,23 @@ def test_serving_requirements_are_what_serving_imports(tmp_path, model_dir):
     import ast
     from importlib.metadata import packages_distributions
 
-    from deepfake_detector.backends import ONNX_FILE, export_onnx
+    from deepfake_detector.backends import ONNX_FILE
     from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.torch_backend import export_onnx
 
     Decision().write(tmp_path / "detector.json")  # face crop on: the OpenCV path runs too
     synthetic_face(1, 0, 96).crop((0, 0, 96, 80)).save(tmp_path / "face.png")  # not a face crop: the search runs
-    # With its ONNX export beside it, as the train stage writes it: the onnxruntime backend runs too.
+    # With its ONNX export beside it, as the train stage writes it: served by each backend in turn.
     export_onnx(load_checkpoint(model_dir / "model.pt")[0], tmp_path / ONNX_FILE)
     (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
-    result = subprocess.run([sys.executable, "-c", SERVE_PATH, str(tmp_path / "model.pt"),
-                             str(tmp_path / "detector.json"), str(tmp_path / "face.png")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout.splitlines()[-1])
+    loaded = {}
+    for backend in ("torch", "onnxruntime"):
+        result = subprocess.run([sys.executable, "-c", SERVE_PATH, str(tmp_path / "model.pt"),
+                                 str(tmp_path / "detector.json"), str(tmp_path / "face.png")],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "DEEPFAKE_BACKEND": backend})
+        assert result.returncode == 0, result.stderr
+        loaded |= json.loads(result.stdout.splitlines()[-1])
     ours = [Path(f) for name, f in loaded.items() if name.startswith("deepfake_detector.") and f]
     imported = set()
     for path in ours:

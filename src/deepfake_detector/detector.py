@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from deepfake_detector import backends
-from deepfake_detector.backends import ONNX_FILE
-from deepfake_detector.model import DeepfakeNet, load_checkpoint, to_input
+from deepfake_detector.backends import METADATA, ONNX_FILE, OnnxBackend, open_onnx
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.predict import Prepared, prepare
+
+if TYPE_CHECKING:
+    import torch
+
+    from deepfake_detector.model import DeepfakeNet
 
 DECISION_FILE = "detector.json"
 PREPARE_THREADS = 4  # images read and prepared at once while the model scores
@@ -66,27 +69,41 @@ class Decision:
 class Detector:
     """One model, ready to score images; safe to share between threads (it is never modified).
 
-    ``model`` is the network as trained (Grad-CAM explains it); scores come from ``backend``
-    (:mod:`~deepfake_detector.backends`: ``torch``, its inference graph, or ``onnxruntime`` with
-    ``onnx_path``; ``auto`` picks).
+    ``model`` is the network as trained (Grad-CAM explains it), or its checkpoint, loaded when first
+    needed. Scores come from ``backend`` (:mod:`~deepfake_detector.backends`): ONNX Runtime's
+    session, else the torch inference graph of ``model``. ``device`` None is CUDA when present, else
+    the CPU. Without torch scoring or Grad-CAM, torch is never imported.
     """
 
-    def __init__(self, model: DeepfakeNet, decision: Decision, source: str, device: torch.device | None = None,
-                 batch_size: int = 64, fit: str = "resize", backend: str = "torch", onnx_path: Path | None = None
-                 ) -> None:
-        self.device = device or torch.device("cpu")
-        self.fit = fit  # how images reach the input size: as preprocess fitted the training data
-        self.model = model.to(self.device).eval()
+    def __init__(self, model: DeepfakeNet | Path, decision: Decision, source: str, device: torch.device | None = None,
+                 batch_size: int = 64, fit: str = "resize", backend: OnnxBackend | None = None,
+                 image_size: int | None = None) -> None:
         self.decision, self.source, self.batch_size = decision, source, batch_size
-        onnx_path = Path(onnx_path) if onnx_path else None  # a model without one scores with torch
-        if backends.choose(backend, onnx_path, self.device) == "onnxruntime":
-            self.backend = backends.OnnxBackend(onnx_path, self.device)
-        else:
-            self.backend = backends.TorchBackend(self.model, self.image_size, self.device)
+        self.fit = fit  # how images reach the input size: as preprocess fitted the training data
+        self._model, self._device, self._loading = model, device, threading.Lock()
+        self.image_size = image_size or self.model.image_size
+        if backend is None:
+            from deepfake_detector.torch_backend import TorchBackend
+
+            backend = TorchBackend(self.model, self.image_size, self.device)
+        self.backend = backend
 
     @property
-    def image_size(self) -> int:
-        return self.model.image_size
+    def device(self) -> torch.device:
+        if self._device is None:
+            from deepfake_detector.device import resolve_device
+
+            self._device = resolve_device("auto")
+        return self._device
+
+    @property
+    def model(self) -> DeepfakeNet:
+        with self._loading:
+            if isinstance(self._model, Path):
+                from deepfake_detector.model import load_checkpoint
+
+                self._model = load_checkpoint(self._model)[0]
+            return self._model.to(self.device).eval()  # a no-op once there
 
     @property
     def threshold(self) -> float:
@@ -98,19 +115,28 @@ class Detector:
         """A ``model.pt`` (or a folder holding one) with its decision settings: ``decision`` if given,
         else ``detector.json`` beside the checkpoint, else ``../eval/detector.json`` (the pipeline
         workspace), else the defaults (threshold 0.5, which ``notice`` announces, and the minimum
-        source size of the data the model was trained on)."""
+        source size of the data the model was trained on). On ONNX Runtime, ``model.onnx``'s metadata
+        stands for ``model.pt``, which is then loaded only for Grad-CAM."""
         path = Path(path)
         checkpoint = path / "model.pt" if path.is_dir() else path
-        model, ckpt = load_checkpoint(checkpoint)
+        scorer = open_onnx(backend, checkpoint.parent / ONNX_FILE, device)
+        model: DeepfakeNet | Path = checkpoint
+        info = scorer.metadata if scorer is not None else {}
+        if set(info) != set(METADATA):  # torch, or an export older than its metadata
+            from deepfake_detector.model import load_checkpoint
+
+            model, ckpt = load_checkpoint(checkpoint)
+            info = {"image_size": model.image_size, "fit": ckpt.get("fit", "resize"),
+                    "min_source_size": ckpt.get("min_source_size", 1)}
         if not isinstance(decision, Decision):
             candidates = [decision] if decision else [checkpoint.parent / DECISION_FILE,
                                                       checkpoint.parent.parent / "eval" / DECISION_FILE]
             found = next((Path(c) for c in candidates if Path(c).is_file()), None)
             if found is None:
                 notice(f"no {DECISION_FILE} for {checkpoint} (run the evaluate stage): threshold 0.5")
-            decision = Decision.read(found) if found else Decision(min_source_size=ckpt.get("min_source_size", 1))
-        return cls(model, decision, f"local {checkpoint}", device, fit=ckpt.get("fit", "resize"), backend=backend,
-                   onnx_path=checkpoint.parent / ONNX_FILE)
+            decision = Decision.read(found) if found else Decision(min_source_size=info["min_source_size"])
+        return cls(model, decision, f"local {checkpoint}", device, fit=info["fit"], backend=scorer,
+                   image_size=info["image_size"])
 
     @classmethod
     def load(cls, model: str, mlflow_params=None, device: torch.device | None = None, backend: str = "auto"
@@ -209,9 +235,14 @@ class Detector:
         gradient with respect to it alone: no module hooks and no parameter ``.grad`` on the shared
         model, so concurrent calls (two app users) cannot see each other's maps.
         """
+        import torch
+
+        from deepfake_detector.model import to_input
+
+        model = self.model
         x = to_input(torch.from_numpy(np.array(array[None]))).to(self.device)  # a copy: callers keep theirs
         with torch.enable_grad():
-            logits, features = self.model.forward_features(x)
+            logits, features = model.forward_features(x)
             # The log-odds of 'fake': it rises with P(fake) but, unlike P(fake), does not saturate.
             (grad,) = torch.autograd.grad(logits[0, 1] - logits[0, 0], features)
         weights = grad.mean(dim=(2, 3), keepdim=True)

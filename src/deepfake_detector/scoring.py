@@ -14,7 +14,6 @@ from tqdm import tqdm
 from deepfake_detector import data, sources
 from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.detector import Detector
-from deepfake_detector.device import resolve_device
 from deepfake_detector.params import Params
 from deepfake_detector.predict import iter_images
 
@@ -22,7 +21,7 @@ from deepfake_detector.predict import iter_images
 def load_detector(p: Params, model: str, threshold: float | None = None) -> Detector:
     """The :class:`Detector` of a local model folder/file or an MLflow model URI, on the best device;
     ``threshold`` overrides its own."""
-    detector = Detector.load(model, p.mlflow, resolve_device("auto"), p.evaluate.backend)
+    detector = Detector.load(model, p.mlflow, backend=p.evaluate.backend)
     detector.batch_size = p.evaluate.batch_size
     if threshold is not None:
         detector.decision = replace(detector.decision, threshold=threshold)

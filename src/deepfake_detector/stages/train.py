@@ -10,13 +10,14 @@ from pathlib import Path
 
 from deepfake_detector import distributed
 from deepfake_detector import train as training
-from deepfake_detector.backends import ONNX_FILE, export_onnx
+from deepfake_detector.backends import ONNX_FILE
 from deepfake_detector.checkpoint import CheckpointStore, data_fingerprint, run_key
 from deepfake_detector.device import resolve_device
 from deepfake_detector.errors import UserError
 from deepfake_detector.model import load_checkpoint
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split
+from deepfake_detector.torch_backend import export_onnx
 from deepfake_detector.tracking import RUN_FILE, Tracker, TrackingError, end_pending, run_tags
 
 
@@ -80,7 +81,9 @@ def _train(p: Params, processed: Path, out: Path, checkpoint_dir: Path, world: d
                                     f"history are in {out}, and a rerun resumes from {checkpoint_dir}")
         # The ONNX export beside model.pt, checked against PyTorch on valid images where ONNX Runtime is.
         valid_images = load_split(processed, "valid")[0][:64]
-        onnx = export_onnx(load_checkpoint(out / "model.pt")[0], out / ONNX_FILE, valid_images)
+        model, ckpt = load_checkpoint(out / "model.pt")
+        onnx = export_onnx(model, out / ONNX_FILE, valid_images, ckpt.get("fit", "resize"),
+                           ckpt.get("min_source_size", 1))
         if onnx["max_abs_diff"] is not None:
             tracker.log_metrics({"onnx_max_abs_diff": onnx["max_abs_diff"]})
         for name in ("history.csv", "train.json"):

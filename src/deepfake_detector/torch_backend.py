@@ -1,0 +1,119 @@
+"""The torch side of inference (:mod:`~deepfake_detector.backends`): the trained network as an
+inference graph (batch norm folded into the convolution before it, ``channels_last``,
+``torch.inference_mode``, autocast on CUDA), and its ONNX export. Training never goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from deepfake_detector.atomic import replacing_file
+from deepfake_detector.backends import METADATA, OnnxBackend, onnxruntime_installed
+from deepfake_detector.model import to_input
+
+TOLERANCE = 1e-4  # largest P(fake) difference an export may show against PyTorch
+
+
+class Scorer(nn.Module):
+    """uint8 NHWC images to P(fake): what both backends run (and what is exported to ONNX)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(to_input(images)).float(), dim=1)[:, 1]
+
+
+def fold_batch_norm(model: nn.Module, image_size: int) -> nn.Module:
+    """A copy of the eval-mode ``model`` in which every BatchNorm2d that reads a convolution's output
+    directly has been folded into that convolution's weight and bias (and replaced by Identity).
+
+    The pairs are found by running one batch and matching tensors (the BN's input *is* the conv's
+    output), so it holds for any arch without knowing its layout.
+    """
+    model = copy.deepcopy(model).eval()
+    last: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def conv_hook(module, inputs, output):
+        last["conv"] = (module, output)
+
+    def bn_hook(module, inputs, output):
+        conv = last.get("conv")
+        if conv is not None and inputs[0] is conv[1] and module.track_running_stats:
+            pairs.append((conv[0], module))
+
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else bn_hook)
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    for handle in handles:
+        handle.remove()
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    for conv, bn in pairs:
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
+        parent, name = parents[id(bn)]
+        setattr(parent, name, nn.Identity())
+    return model
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: nn.Module, image_size: int, device: torch.device, fold: bool = True,
+                 channels_last: bool = True) -> None:
+        graph = fold_batch_norm(model, image_size) if fold else model
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.device, self.scorer = device, Scorer(graph).to(device, memory_format=fmt).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        # NHWC uint8 permuted to NCHW is already channels_last in memory: no copy on the way in.
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            return self.scorer(torch.from_numpy(images).to(self.device)).cpu().numpy()
+
+
+def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, fit: str = "resize",
+                min_source_size: int = 1) -> dict:
+    """Write ``model`` as ONNX to ``path`` (uint8 NHWC images in, P(fake) out, any batch size), with
+    its input size, ``fit`` and ``min_source_size`` (as ``model.pt`` records them) as metadata,
+    atomically; where ONNX Runtime is installed, check it against PyTorch on ``images`` (uint8 NHWC)
+    and refuse an export whose P(fake) differs by more than :data:`TOLERANCE`.
+
+    Returns ``{"checked": n images, "max_abs_diff": float or None}``.
+    """
+    import onnx  # the export's, not the scoring path's: serving needs no onnx package
+
+    size = model.image_size
+    scorer = Scorer(copy.deepcopy(model).cpu().float()).eval()
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress chatter
+        program = torch.onnx.export(scorer, (example,), dynamo=True, input_names=["images"], output_names=["p_fake"],
+                                    dynamic_shapes=({0: batch},))
+    proto = program.model_proto
+    values = {"image_size": size, "fit": fit, "min_source_size": min_source_size}
+    proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(values[k])) for k in METADATA)
+    with replacing_file(Path(path), "wb") as f:
+        f.write(proto.SerializeToString())
+    if images is None or len(images) == 0 or not onnxruntime_installed():
+        return {"checked": 0, "max_abs_diff": None}
+    with torch.inference_mode():
+        expected = scorer(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    got = OnnxBackend(Path(path))(images)
+    diff = float(np.abs(got - expected).max())
+    if diff > TOLERANCE:
+        Path(path).unlink()
+        raise RuntimeError(f"the ONNX export of the model gives P(fake) up to {diff:.2e} away from PyTorch "
+                           f"(allowed {TOLERANCE}): not kept")
+    return {"checked": len(images), "max_abs_diff": diff}
