@@ -146,7 +146,7 @@ def test_onnx_runtime_scores_without_importing_torch(tmp_path, synthetic_model, 
     model_dir = tmp_path / "model"
     shutil.copytree(synthetic_model, model_dir)
     model, ckpt = load_checkpoint(model_dir / "model.pt")
-    export_onnx(model, model_dir / ONNX_FILE, fit=ckpt["fit"], min_source_size=7)
+    export_onnx(model, model_dir / ONNX_FILE, checkpoint={**ckpt, "min_source_size": 7})
     assert OnnxBackend(model_dir / ONNX_FILE).metadata == {"image_size": 32, "fit": ckpt["fit"], "min_source_size": 7}
     synthetic_face(1, 3, 32).save(tmp_path / "face.png")
     monkeypatch.delenv("DEEPFAKE_BACKEND", raising=False)

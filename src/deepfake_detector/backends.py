@@ -29,6 +29,13 @@ ONNX_FILE = "model.onnx"  # beside model.pt
 METADATA: dict[str, type] = {"image_size": int, "fit": str, "min_source_size": int}
 
 
+def scoring_metadata(image_size: int, checkpoint: dict) -> dict[str, Any]:
+    """:data:`METADATA` of a model of ``image_size`` saved as ``checkpoint`` (model.pt's extras; models
+    saved before ``fit`` and ``min_source_size`` were recorded get what they were trained with)."""
+    return {"image_size": image_size, "fit": checkpoint.get("fit", "resize"),
+            "min_source_size": checkpoint.get("min_source_size", 1)}
+
+
 class OnnxBackend:
     name = "onnxruntime"
 

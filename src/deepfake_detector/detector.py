@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfake_detector.backends import METADATA, ONNX_FILE, OnnxBackend, open_onnx
+from deepfake_detector.backends import METADATA, ONNX_FILE, OnnxBackend, open_onnx, scoring_metadata
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.predict import Prepared, prepare
 
@@ -126,8 +126,7 @@ class Detector:
             from deepfake_detector.model import load_checkpoint
 
             model, ckpt = load_checkpoint(checkpoint)
-            info = {"image_size": model.image_size, "fit": ckpt.get("fit", "resize"),
-                    "min_source_size": ckpt.get("min_source_size", 1)}
+            info = scoring_metadata(model.image_size, ckpt)
         if not isinstance(decision, Decision):
             candidates = [decision] if decision else [checkpoint.parent / DECISION_FILE,
                                                       checkpoint.parent.parent / "eval" / DECISION_FILE]

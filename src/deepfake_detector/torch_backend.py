@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from deepfake_detector.atomic import replacing_file
-from deepfake_detector.backends import METADATA, OnnxBackend, onnxruntime_installed
+from deepfake_detector.backends import OnnxBackend, onnxruntime_installed, scoring_metadata
 from deepfake_detector.model import to_input
 
 TOLERANCE = 1e-4  # largest P(fake) difference an export may show against PyTorch
@@ -83,10 +83,10 @@ class TorchBackend:
             return self.scorer(torch.from_numpy(images).to(self.device)).cpu().numpy()
 
 
-def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, fit: str = "resize",
-                min_source_size: int = 1) -> dict:
+def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, checkpoint: dict | None = None
+                ) -> dict:
     """Write ``model`` as ONNX to ``path`` (uint8 NHWC images in, P(fake) out, any batch size), with
-    its input size, ``fit`` and ``min_source_size`` (as ``model.pt`` records them) as metadata,
+    its :func:`~deepfake_detector.backends.scoring_metadata` (from ``checkpoint``, model.pt's extras),
     atomically; where ONNX Runtime is installed, check it against PyTorch on ``images`` (uint8 NHWC)
     and refuse an export whose P(fake) differs by more than :data:`TOLERANCE`.
 
@@ -102,8 +102,8 @@ def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, 
         program = torch.onnx.export(scorer, (example,), dynamo=True, input_names=["images"], output_names=["p_fake"],
                                     dynamic_shapes=({0: batch},))
     proto = program.model_proto
-    values = {"image_size": size, "fit": fit, "min_source_size": min_source_size}
-    proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(values[k])) for k in METADATA)
+    proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(v))
+                                for k, v in scoring_metadata(size, checkpoint or {}).items())
     with replacing_file(Path(path), "wb") as f:
         f.write(proto.SerializeToString())
     if images is None or len(images) == 0 or not onnxruntime_installed():

@@ -82,8 +82,7 @@ def _train(p: Params, processed: Path, out: Path, checkpoint_dir: Path, world: d
         # The ONNX export beside model.pt, checked against PyTorch on valid images where ONNX Runtime is.
         valid_images = load_split(processed, "valid")[0][:64]
         model, ckpt = load_checkpoint(out / "model.pt")
-        onnx = export_onnx(model, out / ONNX_FILE, valid_images, ckpt.get("fit", "resize"),
-                           ckpt.get("min_source_size", 1))
+        onnx = export_onnx(model, out / ONNX_FILE, valid_images, ckpt)
         if onnx["max_abs_diff"] is not None:
             tracker.log_metrics({"onnx_max_abs_diff": onnx["max_abs_diff"]})
         for name in ("history.csv", "train.json"):
