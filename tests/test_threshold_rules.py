@@ -1,0 +1,46 @@
+"""benchmarks/threshold_rules.py: the rule chosen on valid by split-half, on scores with known answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("threshold_rules", ROOT / "benchmarks" / "threshold_rules.py")
+threshold_rules = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(threshold_rules)
+
+
+def test_split_half_scores_each_rule_on_the_half_it_did_not_see():
+    labels = np.array([0] * 100 + [1] * 180)
+    rng = np.random.default_rng(1)
+    # Separable, but every score is above 0.5: a fixed 0.5 calls every real face fake, while the rules
+    # that read the scores find the gap between 0.6-0.7 (real) and 0.8-0.9 (fake).
+    p_fake = np.where(labels == 1, rng.uniform(0.8, 0.9, len(labels)), rng.uniform(0.6, 0.7, len(labels)))
+    assert threshold_rules.split_half(labels, p_fake, "fixed", repeats=20) == pytest.approx(180 / 280)
+    for rule in ("eer", "max_accuracy"):
+        # The threshold lands on an edge of the half it was fit on: a few of the other half's fakes fall below it.
+        assert threshold_rules.split_half(labels, p_fake, rule, repeats=20) > 0.95
+    # Overlapping scores: a threshold fit on one half loses on the other, so split-half is below the fit.
+    noisy = np.where(labels == 1, rng.normal(0.6, 0.15, len(labels)), rng.normal(0.4, 0.15, len(labels)))
+    fit = threshold_rules.accuracy(labels, noisy, threshold_rules.choose_threshold(labels, noisy, "max_accuracy"))
+    assert 0.6 < threshold_rules.split_half(labels, noisy, "max_accuracy", repeats=20) < fit
+
+
+def test_the_benchmark_scores_a_model_and_names_the_chosen_rule(tmp_path, synthetic_model, synthetic_processed):
+    out = tmp_path / "rules.json"
+    result = subprocess.run([sys.executable, "benchmarks/threshold_rules.py", "--model", str(synthetic_model),
+                             "--data", str(synthetic_processed), "--repeats", "10", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert [r["rule"] for r in figures["rules"]] == ["eer", "max_accuracy", "fixed"]
+    best = max(figures["rules"], key=lambda r: r["split_half_valid_accuracy"])
+    assert figures["chosen"] == best["rule"] and f"| {best['rule']} (chosen) |" in result.stdout
+    assert all(0 <= r["test_accuracy"] <= 1 for r in figures["rules"])
