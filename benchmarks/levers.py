@@ -53,6 +53,16 @@ RECIPES: dict[str, list[str]] = {
     "lite2": ["model.arch=efficientnet_lite2"],
     "crop+residual": ["preprocess.fit=crop", "train.augment.crop_scale=[1,1]", "model.input=residual"],
     "crop+jpeg": ["preprocess.fit=crop", "train.augment.crop_scale=[1,1]", "train.augment.jpeg.prob=0.5"],
+    # NPR as published: the residual into a network trained from scratch, on the source's own pixels (the
+    # centre 128 px, no resampling); the custom CNN's CPU recipe (bf16, weight average) at 40 epochs.
+    "scratch+residual": ["model.arch=cnn", "model.pretrained=none", "model.input=residual", "preprocess.fit=crop",
+                         "train.augment.crop_scale=[1,1]", "preprocess.image_size=128", "train.epochs=40",
+                         "train.precision=bf16", "train.ema_epochs=5"],
+    # Small receptive fields (Chai et al., ECCV 2020: patch classifiers generalise across face GANs): the CNN
+    # cut to three blocks, about 22 px seen per feature, pooled over the image; otherwise as scratch+residual.
+    "patch": ["model.arch=cnn", "model.pretrained=none", "model.channels=[32,64,128]", "preprocess.fit=crop",
+              "train.augment.crop_scale=[1,1]", "preprocess.image_size=128", "train.epochs=40",
+              "train.precision=bf16", "train.ema_epochs=5"],
 }
 
 
