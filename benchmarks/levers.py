@@ -42,27 +42,26 @@ from deepfake_detector.params import Params, load_params, to_dict, with_override
 from deepfake_detector.stages import download  # noqa: E402
 from deepfake_detector.train import fit, prepared_as  # noqa: E402
 
+# No resampling anywhere: preprocess crops the centre square, and the online random resized crop is off.
+CROP = ["preprocess.fit=crop", "train.augment.crop_scale=[1,1]"]
+# The custom CNN from scratch on the centre 128 px (its CPU recipe: bf16, weight average) at 40 epochs.
+SCRATCH = ["model.arch=cnn", "model.pretrained=none", *CROP, "preprocess.image_size=128", "train.epochs=40",
+           "train.precision=bf16", "train.ema_epochs=5"]
+
 # The levers of issue #23, one at a time against the default recipe, and the combinations tried.
 RECIPES: dict[str, list[str]] = {
     "baseline": [],
     "residual": ["model.input=residual"],
-    # No resampling anywhere: preprocess crops the centre square, and the online random resized crop is off.
-    "crop": ["preprocess.fit=crop", "train.augment.crop_scale=[1,1]"],
+    "crop": CROP,
     "jpeg": ["train.augment.jpeg.prob=0.5"],  # both classes re-compressed at quality 50-95, half the images
     "lite1": ["model.arch=efficientnet_lite1"],
     "lite2": ["model.arch=efficientnet_lite2"],
-    "crop+residual": ["preprocess.fit=crop", "train.augment.crop_scale=[1,1]", "model.input=residual"],
-    "crop+jpeg": ["preprocess.fit=crop", "train.augment.crop_scale=[1,1]", "train.augment.jpeg.prob=0.5"],
-    # NPR as published: the residual into a network trained from scratch, on the source's own pixels (the
-    # centre 128 px, no resampling); the custom CNN's CPU recipe (bf16, weight average) at 40 epochs.
-    "scratch+residual": ["model.arch=cnn", "model.pretrained=none", "model.input=residual", "preprocess.fit=crop",
-                         "train.augment.crop_scale=[1,1]", "preprocess.image_size=128", "train.epochs=40",
-                         "train.precision=bf16", "train.ema_epochs=5"],
+    "crop+residual": [*CROP, "model.input=residual"],
+    "crop+jpeg": [*CROP, "train.augment.jpeg.prob=0.5"],
+    "scratch+residual": [*SCRATCH, "model.input=residual"],  # NPR as published: residual, trained from scratch
     # Small receptive fields (Chai et al., ECCV 2020: patch classifiers generalise across face GANs): the CNN
-    # cut to three blocks, about 22 px seen per feature, pooled over the image; otherwise as scratch+residual.
-    "patch": ["model.arch=cnn", "model.pretrained=none", "model.channels=[32,64,128]", "preprocess.fit=crop",
-              "train.augment.crop_scale=[1,1]", "preprocess.image_size=128", "train.epochs=40",
-              "train.precision=bf16", "train.ema_epochs=5"],
+    # cut to three blocks, about 22 px seen per feature, pooled over the image.
+    "patch": [*SCRATCH, "model.channels=[32,64,128]"],
 }
 
 

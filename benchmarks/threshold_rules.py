@@ -25,6 +25,7 @@ from deepfake_detector import preprocess  # noqa: E402
 from deepfake_detector.detector import Decision, Detector  # noqa: E402
 from deepfake_detector.device import resolve_device  # noqa: E402
 from deepfake_detector.metrics import choose_threshold  # noqa: E402
+from deepfake_detector.params import THRESHOLD_RULES  # noqa: E402
 
 RULES = ("eer", "max_accuracy", "fixed")
 
@@ -51,8 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("models"), help="folder with model.pt")
     parser.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocessed valid and test splits")
-    parser.add_argument("--rules", nargs="+", default=list(RULES),
-                        choices=["eer", "max_accuracy", "target_fpr", "fixed"])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=THRESHOLD_RULES)
     parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()

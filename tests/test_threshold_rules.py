@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, benchmark_module
 
-spec = importlib.util.spec_from_file_location("threshold_rules", ROOT / "benchmarks" / "threshold_rules.py")
-threshold_rules = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(threshold_rules)
+threshold_rules = benchmark_module("threshold_rules")
 
 
 def test_split_half_scores_each_rule_on_the_half_it_did_not_see():

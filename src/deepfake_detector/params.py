@@ -61,6 +61,8 @@ Arch = Literal["cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientne
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+ThresholdRule = Literal["eer", "max_accuracy", "target_fpr", "fixed"]
+THRESHOLD_RULES: tuple[str, ...] = typing.get_args(ThresholdRule)
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class EvaluateParams(_Checked):
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"  # backends.py
     # eer (false positive rate = miss rate) is steadier than max_accuracy on a small valid split
     # (docs/experiments.md).
-    threshold_rule: Literal["eer", "max_accuracy", "target_fpr", "fixed"] = "eer"
+    threshold_rule: ThresholdRule = "eer"
     target_fpr: float = 0.05
     threshold: float = 0.5
     crop_faces: bool = True
