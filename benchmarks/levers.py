@@ -142,6 +142,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="fits at once")
     parser.add_argument("--weights", type=Path, help="folder of <arch>.pt ImageNet state dicts for the Lite backbones")
     parser.add_argument("--report", type=Path, help="folder for results.jsonl and levers.md (default: --out)")
+    parser.add_argument("--hold-out", nargs="+", metavar="SOURCE",
+                        help="the fake sources to leave out in turn (default: every one)")
+    parser.add_argument("--no-full", action="store_true",
+                        help="only the left-out fits (each also scores the sources it trained on, on valid)")
     parser.add_argument("--budget-s", type=float, help="start no fit after this many seconds; summarise what finished")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -164,7 +168,11 @@ def main() -> None:
         if not (full / "meta.json").exists():
             preprocess.run(raw, full, prep, seed=0, progress=False)
         sources = loso.fake_sources(full)
-        for left_out in [None, *sources]:
+        if args.hold_out:
+            if unknown := set(args.hold_out) - set(sources):
+                parser.error(f"--hold-out {sorted(unknown)}: not a fake source of the data ({sources})")
+            sources = args.hold_out
+        for left_out in [*([] if args.no_full else [None]), *sources]:
             data = full if left_out is None else out / key / f"without-{left_out}"
             if left_out is not None and not (data / "meta.json").exists():
                 loso.leave_out(full, data, left_out)

@@ -103,6 +103,18 @@ def test_levers_scores_each_recipe_on_valid_and_on_each_source_left_out(tmp_path
                 str(tmp_path / "out"), "--recipes", "baseline", "crop", "--seeds", "0",
                 "--params", str(ROOT / "params.yaml"), *(arg for o in overrides for arg in ("-S", o))).stdout
     assert again.startswith("0 fits to run (6 done before)")
+    # Only one source left out, no fit on every source: one fit, reported apart, on the same data copies.
+    common = ["benchmarks/levers.py", "--sources", f"{{gan: {gan}, other: {other}}}", "--out", str(tmp_path / "out"),
+              "--recipes", "baseline", "--seeds", "0", "--params", str(ROOT / "params.yaml"),
+              *(arg for o in overrides for arg in ("-S", o))]
+    only = run(*common, "--hold-out", "other", "--no-full", "--report", str(tmp_path / "only")).stdout
+    assert only.startswith("1 fits to run (0 done before)")
+    rows = [json.loads(line) for line in (tmp_path / "only" / "results.jsonl").open()]
+    assert [(r["recipe"], r["left_out"]) for r in rows] == [("baseline", "other")]
+    header = (tmp_path / "only" / "levers.md").read_text().splitlines()[0]
+    assert "held-out other" in header and "held-out gan" not in header
+    bad = subprocess.run([sys.executable, *common, "--hold-out", "sd"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--hold-out ['sd']: not a fake source" in bad.stderr
 
 
 @pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
