@@ -29,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from deepfake_detector.data import SPLITS  # noqa: E402
+from deepfake_detector.params import PreprocessParams  # noqa: E402
 from deepfake_detector.preprocess import load_image  # noqa: E402
 from deepfake_detector.sources import list_images  # noqa: E402
 
@@ -56,9 +57,11 @@ def autoencoder(latent: int, how: str, stages: int) -> nn.Sequential:
 
 def reals(source: Path, size: int) -> dict[str, tuple[list[str], torch.Tensor]]:
     """Per split, the real images' file names and pixels as uint8 (N, 3, size, size)."""
+    # Listed once, as preprocess lists it: an unsplit source is split by file hash at the default ratios.
+    listed = list_images(source, PreprocessParams().split_ratios)
     out = {}
     for split in SPLITS:
-        entries = [e for e in list_images(source, (0.8, 0.1, 0.1)) if e.split == split and e.label == 0]
+        entries = [e for e in listed if e.split == split and e.label == 0]
         images = [load_image(e.path, size, min_source_size=size)[0] for e in entries]
         out[split] = ([e.path.name for e in entries], torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
     return out
