@@ -62,6 +62,10 @@ RECIPES: dict[str, list[str]] = {
     # Small receptive fields (Chai et al., ECCV 2020: patch classifiers generalise across face GANs): the CNN
     # cut to three blocks, about 22 px seen per feature, pooled over the image.
     "patch": [*SCRATCH, "model.channels=[32,64,128]"],
+    # The spectrum branch beside the CNN (spectrum.py); it needs a fake family with spectral traces in training.
+    "crop+spectrum": [*CROP, "model.spectrum=true"],
+    # ... fit with the autoencoder twins (benchmarks/resynth.py, named ae in --sources), which the CNN never sees.
+    "crop+spectrum-ae": [*CROP, "model.spectrum=true", "model.spectrum_only=[ae]"],
 }
 
 

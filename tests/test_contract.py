@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, make_dataset
-from deepfake_detector.contract import PIPELINE, STAGES, Stage, from_stage_params, param_name, stage_params
-from deepfake_detector.sources import pinned
+from deepfake_detector.contract import PIPELINE, STAGES, Stage, from_stage_params, param_name, param_value, stage_params
 from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
+from deepfake_detector.sources import pinned
 from deepfake_detector.stages import download, evaluate, preprocess, register, train
 
 PACKAGE = ROOT / "src" / "deepfake_detector"
@@ -49,6 +49,11 @@ def test_stage_params_are_exactly_the_stage_keys_and_rebuild_params():
     assert rebuilt.evaluate == Params().evaluate and rebuilt.mlflow.alias == "challenger"  # unread: defaults
     with pytest.raises(ParamsError, match=r"missing seed; not read by it evaluate\.threshold"):
         from_stage_params("train", {**{k: v for k, v in flat.items() if k != "seed"}, "evaluate.threshold": 0.1})
+    # As a Kubeflow step receives them: every list as comma-separated text, an empty one as "".
+    for only in ((), ("ae",), ("ae", "sd")):
+        p = with_overrides(params, ["model.spectrum=true", f"model.spectrum_only=[{','.join(only)}]"])
+        as_text = {k: param_value(v) for k, v in stage_params(p, "train").items()}
+        assert from_stage_params("train", as_text).model == p.model
 
 
 # --- dvc.yaml ----------------------------------------------------------------------------------

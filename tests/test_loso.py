@@ -163,3 +163,35 @@ def test_training_logs_each_sources_valid_auc_per_epoch(two_sources, tmp_path):
     expected = per_source(y, p_fake, [r["source"] for r in read_index(processed, "valid")[1]], 0.5)
     for name in "ab":
         assert math.isclose(float(history[0][f"valid_auc.{name}"]), expected[name]["roc_auc"], abs_tol=1e-6)
+
+
+def test_spectrum_only_sources_fit_the_branch_but_never_the_cnn(two_sources, tmp_path):
+    import torch
+
+    from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.train import fit
+
+    p, processed = two_sources
+    cpu = torch.device("cpu")
+    model = p.model.__class__(**{**p.model.__dict__, "spectrum": True, "spectrum_only": ("b",)})
+    summary = fit(processed, tmp_path / "both", model, p.train, cpu, p.seed, progress=False)
+    # The CNN sees what it would with b's fakes left out of the data: the same weights, bit for bit.
+    without_b = tmp_path / "without-b"
+    loso.leave_out(processed, without_b, "b")
+    fit(without_b, tmp_path / "cnn", p.model, p.train, cpu, p.seed, progress=False)
+    fused, _ = load_checkpoint(tmp_path / "both" / "model.pt")
+    cnn, _ = load_checkpoint(tmp_path / "cnn" / "model.pt")
+    for key, value in cnn.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value), key
+    assert torch.isfinite(fused.spectrum.shift) and set(summary["spectrum"]) == {"train_auc", "valid_auc"}
+    history = list(csv.DictReader((tmp_path / "both" / "history.csv").open()))
+    assert not any(k.startswith("valid_auc.") for k in history[0])  # the CNN validated on source a alone
+
+    def fails(spectrum: bool, only: tuple[str, ...], message: str) -> None:
+        bad = p.model.__class__(**{**p.model.__dict__, "spectrum": spectrum, "spectrum_only": only})
+        with pytest.raises(UserError, match=message):
+            fit(processed, tmp_path / "bad", bad, p.train, cpu, p.seed, progress=False)
+
+    fails(True, ("c",), r"model.spectrum_only: no source named c in the data \(its sources: a, b\)")
+    fails(False, ("b",), "set model.spectrum true")
+    fails(True, ("a", "b"), "leaves the CNN no fake train images")

@@ -228,7 +228,8 @@ class Detector:
 
     def explain(self, array: np.ndarray) -> np.ndarray:
         """Grad-CAM of P(fake) on the last feature map before global pooling: an (S, S) map in [0, 1],
-        high where the image pushed towards 'fake'.
+        high where the image pushed towards 'fake'. With ``model.spectrum`` it explains the CNN's
+        P(fake) alone: the spectrum branch reads the whole image and has no map.
 
         The forward returns that activation with the logits and ``torch.autograd.grad`` takes the
         gradient with respect to it alone: no module hooks and no parameter ``.grad`` on the shared

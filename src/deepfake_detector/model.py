@@ -27,6 +27,7 @@ from torch import nn
 from deepfake_detector.checkpoint import atomic_save
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import ARCHS, ModelParams
+from deepfake_detector.spectrum import SpectrumBranch
 
 LITE_ARCHS = tuple(a for a in ARCHS if a.startswith("efficientnet_lite"))
 TORCHVISION_ARCHS = tuple(a for a in ARCHS if a != "cnn" and a not in LITE_ARCHS)
@@ -40,7 +41,8 @@ LITE_SHA256 = {"efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f
 
 
 class DeepfakeNet(nn.Module):
-    """``head(features(normalised x))``: two logits (real, fake)."""
+    """``head(features(normalised x))``: two logits (real, fake); with ``config.spectrum``, once
+    fitted, the fake logit is raised to the spectrum branch's where that is higher (spectrum.py)."""
 
     def __init__(self, config: ModelParams, image_size: int, features: nn.Module, head: nn.Module,
                  stats: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
@@ -50,13 +52,15 @@ class DeepfakeNet(nn.Module):
         # Buffers: they move with .to(device) and are saved with the weights.
         self.register_buffer("mean", torch.tensor(stats[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(stats[1]).view(1, 3, 1, 1))
+        self.spectrum = SpectrumBranch(image_size) if config.spectrum else None
 
     @property
     def arch(self) -> str:
         return self.config.arch
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits and the last feature map before global pooling (what Grad-CAM explains)."""
+        """The CNN's logits (without the spectrum branch) and its last feature map before global
+        pooling (what Grad-CAM explains)."""
         x = (x - self.mean) / self.std
         if self.config.input == "residual":
             x = residual(x)
@@ -64,7 +68,9 @@ class DeepfakeNet(nn.Module):
         return self.head(features), features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
+        logits = self.forward_features(x)[0]
+        # Training fits the CNN alone; the branch is fit after (spectrum.fit_spectrum) and is a no-op till then.
+        return logits if self.spectrum is None or self.training else self.spectrum.fuse(logits, x)
 
 
 def residual(x: torch.Tensor) -> torch.Tensor:

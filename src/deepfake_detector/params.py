@@ -122,6 +122,12 @@ class ModelParams(_Checked):
     arch: Arch = "efficientnet_lite0"
     # residual: NPR (CVPR 2024), the generator's up-sampling traces rather than the content (model.residual).
     input: Literal["rgb", "residual"] = "rgb"
+    # A spectrum branch beside the CNN, fit after training (spectrum.py): off by default, since it needs
+    # a fake family with spectral traces in training (Stable Diffusion, autoencoder twins; not StyleGAN).
+    spectrum: bool = False
+    # Fake sources that fit the spectrum branch only, never the CNN: autoencoder twins teach a CNN that
+    # "smoother than FFHQ" means fake, and it then calls blurred or downscaled real photos fake.
+    spectrum_only: tuple[str, ...] = ()
     pretrained: str = "imagenet"
     # cnn only. Five single-conv blocks (32-256) reached valid AUC 0.87 where four double-conv ones
     # (16-128) reached 0.81, for 12 % more time per epoch (docs/experiments.md).
@@ -377,6 +383,8 @@ def _coerce(hint: Any, value: Any, key: str, partial: bool) -> Any:
         value = yaml.safe_load(value)
         if items and not isinstance(value, list):
             value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
+    elif isinstance(value, str) and items:
+        value = []  # an empty list as KFP passes it: comma-separated, no items (contract.py)
     if items:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{key} must be a list, got {value!r}")

@@ -40,6 +40,7 @@ from deepfake_detector.metrics import compute_metrics, per_source
 from deepfake_detector.model import build_model, save_checkpoint, to_input
 from deepfake_detector.params import ModelParams, TrainParams, to_dict
 from deepfake_detector.preprocess import load_split, read_index
+from deepfake_detector.spectrum import fit_spectrum
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # Params that change how fast training runs, never what it computes: a checkpoint made with other
@@ -257,10 +258,10 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     metrics and the time.
     """
     out_dir = Path(out_dir)
-    train_x, train_y = load_split(processed_dir, "train")
-    valid_x, valid_y = load_split(processed_dir, "valid")
+    all_train, all_valid = load_split(processed_dir, "train"), load_split(processed_dir, "valid")
+    train_x, train_y, _ = cnn_rows(processed_dir, "train", *all_train, model_params)
+    valid_x, valid_y, valid_sources = cnn_rows(processed_dir, "valid", *all_valid, model_params)
     # With several sources of fakes, each one's valid AUC (its fakes against all reals) is logged per epoch.
-    valid_sources = [row["source"] for row in read_index(processed_dir, "valid")[1]]
     several = len({s for s, y in zip(valid_sources, valid_y) if y == 1}) > 1
     if len(train_x) == 0 or len(valid_x) == 0:
         raise UserError(f"{processed_dir}: train and valid splits need images "
@@ -341,12 +342,40 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         out_dir.mkdir(parents=True, exist_ok=True)
         valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
                          "log_loss": best["valid_loss"]}
+        if model_params.spectrum:
+            # The branch joins the best epoch's CNN: fit on train, aligned with it on the valid reals.
+            trainer.model.load_state_dict(trainer.best_state)
+            spectrum = fit_spectrum(trainer.model, all_train, all_valid, device, params.batch_size * 2)
+            summary["spectrum"] = spectrum
+            trainer.best_state = {k: v.to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            tqdm.write(f"spectrum branch: train auc {spectrum['train_auc']:.3f} | "
+                       f"valid auc {spectrum['valid_auc']:.3f}")
         save_checkpoint(trainer.model, out_dir / "model.pt", state_dict=trainer.best_state,
                         epoch=best["epoch"], valid=valid_at_best, min_source_size=min_source_size,
                         fit=image_fit)
         atomic_write_text(out_dir / "history.csv", _history_csv(trainer.history))
         atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def cnn_rows(processed_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, model: ModelParams
+             ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, labels and sources of the ``split`` rows the CNN trains or validates on: all but the fakes
+    of ``model.spectrum_only`` (then copied into memory; otherwise the memory map itself)."""
+    sources = [row["source"] for row in read_index(processed_dir, split)[1]]
+    if not model.spectrum_only:
+        return images, labels, sources
+    if not model.spectrum:
+        raise UserError("model.spectrum_only names sources for the spectrum branch: set model.spectrum true")
+    named = set(json.loads((Path(processed_dir) / "meta.json").read_text()).get("sources") or sources)
+    unknown = sorted(set(model.spectrum_only) - named)
+    if unknown:
+        raise UserError(f"model.spectrum_only: no source named {', '.join(unknown)} in the data "
+                        f"(its sources: {', '.join(sorted(named))})")
+    keep = np.flatnonzero(~(np.isin(sources, model.spectrum_only) & (labels == 1)))
+    if not (labels[keep] == 1).any():
+        raise UserError(f"model.spectrum_only leaves the CNN no fake {split} images: keep one fake source for it")
+    return images[keep], labels[keep], [sources[i] for i in keep]
 
 
 def prepared_as(meta: dict) -> dict[str, Any]:
