@@ -18,7 +18,7 @@ import streamlit as st
 from deepfake_detector.data import CLASSES, DataError, find_data_root, iter_files
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, load_params
-from deepfake_detector.predict import overlay
+from deepfake_detector.predict import FACE_CROPPED, FACE_NOT_FOUND, overlay
 from deepfake_detector.preprocess import IMAGE_SUFFIXES
 from deepfake_detector.scoring import load_detector
 
@@ -73,8 +73,11 @@ def show(name: str, data: bytes, detector) -> None:
                width="stretch")
     right.image(overlay(prepared.array, detector.explain(prepared.array)), width="stretch",
                 caption="Grad-CAM: regions that pushed towards 'fake'")
-    if prepared.face_box:
-        st.caption(f"Not a tight face crop: the largest face, box {prepared.face_box}, was cropped first.")
+    if prepared.face == FACE_CROPPED:
+        st.caption(f"Face found: the largest face, box {prepared.face_box}, was cropped and scored.")
+    elif prepared.face == FACE_NOT_FOUND:
+        st.warning("No face found: the whole picture was scored, and the model only learned from faces. "
+                   "Its answer means little here.")
 
 
 def main() -> None:

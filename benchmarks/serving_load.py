@@ -98,7 +98,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
-    assert mixed[0]["error"] == "" and mixed[1]["error"] and mixed[1]["label"] == "", mixed
+    assert mixed[0]["error"] == "" and mixed[1]["error"] and mixed[1]["predicted"] is None, mixed
     print(f"{args.clients} clients x {args.requests} requests, backend {args.backend}, {os.cpu_count()} cores: "
           f"p50 {np.percentile(times, 50):.1f} ms, p95 {np.percentile(times, 95):.1f} ms, "
           f"{len(times) / wall:.1f} requests/s, 0 errors; a broken row beside a face: "

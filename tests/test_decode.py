@@ -255,11 +255,15 @@ def test_predict_cli_refuses_eps_in_one_line_and_skips_it_in_folders(tmp_path, u
                              "--params", str(ROOT / "params.yaml")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    assert "9 images" in result.stdout and "1 unreadable" in result.stdout
+    assert "9 images" in result.stdout and "1 unreadable" in result.stdout and "2 skipped" in result.stdout
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
-    assert set(rows) == {"a.JPG", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.gif", "g.tif", "h.TIFF", "named.eps"}
+    assert set(rows) == {"a.JPG", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.gif", "g.tif", "h.TIFF", "named.eps",
+                         "skipped.eps", "notes.txt"}
     assert rows["named.eps"]["error"] == REFUSED.format("EPS") and rows["named.eps"]["p_fake"] == ""
-    assert all(0 <= float(r["p_fake"]) <= 1 for name, r in rows.items() if name != "named.eps")
+    # Left out of the folder scan, but counted and named: never silently.
+    assert rows["skipped.eps"]["error"] == "skipped: .eps is not an image type read here"
+    assert rows["notes.txt"]["error"] == "skipped: .txt is not an image type read here"
+    assert all(0 <= float(r["p_fake"]) <= 1 for name, r in rows.items() if not r["error"])
 
 
 def test_app_uploader_accepts_exactly_the_allowed_suffixes(monkeypatch, tmp_path, untrained_model):

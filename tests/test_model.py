@@ -174,4 +174,4 @@ def test_every_arch_round_trips_through_the_registry_and_the_pyfunc(arch, tmp_pa
     detector = Detector.load(str(tmp_path), params)
     expected, _, _ = detector.score_files([tmp_path / "face.png"])
     assert row["error"] == "" and row["p_fake"] == pytest.approx(float(expected[0]), abs=1e-5)
-    assert detector.model.config.arch == arch and row["label"] == detector.label(float(expected[0]))
+    assert detector.model.config.arch == arch and row["predicted"] == detector.label(float(expected[0]))

@@ -132,20 +132,24 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
                              str(model_dir), "--out", str(out), "--params", str(ROOT / "params.yaml")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "5 images" in result.stdout and "1 unreadable" in result.stdout
+    assert "5 images" in result.stdout and "1 unreadable" in result.stdout and "1 skipped" in result.stdout
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
-    assert set(rows) == {"0.jpg", "1.jpg", "2.jpg", "deep.png", "broken.jpg"}
+    assert set(rows) == {"0.jpg", "1.jpg", "2.jpg", "deep.png", "broken.jpg", "readme.txt"}
     assert rows["broken.jpg"]["p_fake"] == "" and rows["broken.jpg"]["error"]
+    assert rows["readme.txt"]["error"] == "skipped: .txt is not an image type read here"
     for name in ("0.jpg", "deep.png"):
-        assert 0 <= float(rows[name]["p_fake"]) <= 1 and rows[name]["label"] in ("real", "fake")
+        assert 0 <= float(rows[name]["p_fake"]) <= 1 and rows[name]["predicted"] in ("real", "fake")
+        assert rows[name]["face"] == "crop-sized"  # a 32 px square: scored whole, like the training crops
     assert {r["source"] for r in rows.values()} == {"photos"}  # the folder given names every image under it
 
 
-def test_predict_of_a_folder_without_images_writes_an_empty_csv(tmp_path, model_dir):
+def test_predict_of_a_folder_without_images_is_an_error(tmp_path, model_dir):
+    from deepfake_detector.data import DataError
+
     (tmp_path / "empty").mkdir()
-    summary = predict_paths(Params(), [tmp_path / "empty"], str(model_dir), tmp_path / "preds.csv")
-    assert summary["images"] == 0 and (tmp_path / "preds.csv").read_text().splitlines() == [
-        "path,source,p_fake,label,error"]
+    with pytest.raises(DataError, match="no images found in"):
+        predict_paths(Params(), [tmp_path / "empty"], str(model_dir), tmp_path / "preds.csv")
+    assert not (tmp_path / "preds.csv").exists()
 
 
 def test_predict_names_each_images_source_as_given(tmp_path, model_dir):
@@ -157,9 +161,8 @@ def test_predict_names_each_images_source_as_given(tmp_path, model_dir):
     predict_paths(Params(), [f"{{sd: {tmp_path / 'diffusion'}, stylegan: {tmp_path / 'gan'}}}",
                              tmp_path / "single.png", tmp_path / "gan"], str(model_dir), out)
     rows = [(Path(r["path"]).relative_to(tmp_path).as_posix(), r["source"]) for r in csv.DictReader(out.open())]
-    # A mapping names its folders; a file goes by its folder's name; a folder given twice is scored twice.
-    assert rows == [("diffusion/a.jpg", "sd"), ("gan/a.jpg", "stylegan"), ("single.png", tmp_path.name.lower()),
-                    ("gan/a.jpg", "gan")]
+    # A mapping names its folders; a file given alone has no source; a folder given twice is scored twice.
+    assert rows == [("diffusion/a.jpg", "sd"), ("gan/a.jpg", "stylegan"), ("single.png", ""), ("gan/a.jpg", "gan")]
 
 
 @pytest.mark.slow
@@ -212,12 +215,15 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
         server.wait(timeout=30)
     served, too_small, too_large, no_base64, text = answer["predictions"]
     assert served["p_fake"] == pytest.approx(float(expected[0]), abs=1e-6)
-    assert served["label"] == detector.label(float(expected[0])) and served["error"] == ""
-    # A bad row gets its reason, not a stack trace, and does not cost the good row its score.
-    assert no_base64["label"] == "" and no_base64["error"] and "Traceback" not in no_base64["error"]
-    assert text["error"] == "not an image"
-    assert too_small["error"].startswith("too small: 8x8") and too_small["label"] == ""
-    assert "too large" in too_large["error"] and too_large["label"] == ""
+    assert served["predicted"] == detector.label(float(expected[0])) and served["error"] == ""
+    # A 256 px face against a 32 px model: searched (larger than twice the input), found filling the picture.
+    assert served["face"] == "fills image" and served["face_box"] == ""
+    # A bad row gets its reason, not a stack trace, and does not cost the good row its score; its
+    # p_fake is null (JSON has no NaN).
+    assert no_base64["predicted"] is None and no_base64["error"] and "Traceback" not in no_base64["error"]
+    assert text["error"] == "not an image" and text["p_fake"] is None
+    assert too_small["error"].startswith("too small: 8x8") and too_small["predicted"] is None
+    assert "too large" in too_large["error"] and too_large["predicted"] is None
 
 
 SERVE_PATH = """
@@ -298,8 +304,8 @@ def test_a_model_not_yet_evaluated_refuses_what_preprocess_quarantines(tmp_path,
     assert (summary["unreadable"], summary["fake"] + summary["real"]) == (1, 1)
     with (tmp_path / "preds.csv").open() as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
-    assert rows["tiny.png"]["label"] == "" and "16" in rows["tiny.png"]["error"], rows["tiny.png"]
-    assert rows["face.png"]["label"] in ("real", "fake")
+    assert rows["tiny.png"]["predicted"] == "" and "16" in rows["tiny.png"]["error"], rows["tiny.png"]
+    assert rows["face.png"]["predicted"] in ("real", "fake")
 
 
 def test_face_cascades_load_safely_from_several_threads_at_once():

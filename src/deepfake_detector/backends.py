@@ -25,6 +25,7 @@ import numpy as np
 from deepfake_detector.errors import UserError
 
 ONNX_FILE = "model.onnx"  # beside model.pt
+DECISION_FILE = "detector.json"  # the decision settings (threshold, ...) the evaluate stage chose for a model
 # What model.pt records for scoring besides the weights, also written into model.onnx's metadata.
 METADATA: dict[str, type] = {"image_size": int, "fit": str, "min_source_size": int}
 

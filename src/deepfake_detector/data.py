@@ -131,7 +131,7 @@ def iter_files(folder: Path) -> Iterator[Path]:
 
 
 def labelled_files(path: Path, root: Path | None = None) -> tuple[list[Path], np.ndarray]:
-    """Image paths and labels (0 real, 1 fake) of a folder with ``real/`` and ``fake/``, or a CSV.
+    """Image paths and labels (0 real, 1 fake) of a folder with ``real/`` and/or ``fake/``, or a CSV.
 
     The CSV needs a ``path`` column and a label: ``label_str`` (real/fake, as in the Kaggle CSVs) or
     ``label`` as real/fake or 0 (real)/1 (fake). Note the Kaggle CSVs' numeric ``label`` is the other
@@ -142,19 +142,17 @@ def labelled_files(path: Path, root: Path | None = None) -> tuple[list[Path], np
     if path.is_dir():
         if root is not None:
             raise DataError(f"--root is for a CSV, and {path} is a folder")
-        missing = [c for c in CLASSES if not (path / c).is_dir()]
-        if missing:
-            raise DataError(f"{path} needs real/ and fake/ subfolders (missing {', '.join(missing)})")
-        pairs = [(p, label) for label, cls in enumerate(CLASSES) for p in iter_files(path / cls)]
+        if not any((path / c).is_dir() for c in CLASSES):
+            raise DataError(f"{path} needs a real/ or fake/ subfolder (or both)")
+        pairs = [(p, label) for label, cls in enumerate(CLASSES) if (path / cls).is_dir()
+                 for p in iter_files(path / cls)]
     elif path.is_file():
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows, columns = list(reader), reader.fieldnames or []
-        key = "label_str" if "label_str" in columns else "label"
+        rows, columns = _read_csv(path)
+        key = _label_column(columns)
         if "path" not in columns or key not in columns:
             raise DataError(f"{path}: a CSV needs 'path' and 'label' (or 'label_str') columns")
         names = {"real": 0, "fake": 1, "0": 0, "1": 1}
-        bad = [r[key] for r in rows if r[key].strip().lower() not in names]
+        bad = [r[key] for r in rows if (r[key] or "").strip().lower() not in names]
         if bad:
             raise DataError(f"{path}: labels must be real/fake or 0/1, got {bad[0]!r}")
         base = _csv_root(path, [r["path"] for r in rows], root)
@@ -164,6 +162,34 @@ def labelled_files(path: Path, root: Path | None = None) -> tuple[list[Path], np
     if not pairs:
         raise DataError(f"{path} has no images")
     return [p for p, _ in pairs], np.array([label for _, label in pairs], dtype=np.int64)
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    """A CSV's rows and columns; DataError for a file that is not one (an image given as --data)."""
+    if path.suffix.lower() != ".csv":
+        raise DataError(f"{path} is not a CSV: give a folder with real/ and/or fake/, or a CSV with path and "
+                        "label columns")
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} cannot be read as a CSV: {exc}") from None
+
+
+def _label_column(columns: list[str]) -> str:
+    return "label_str" if "label_str" in columns else "label"
+
+
+def numeric_labels(data_path: str | Path) -> bool:
+    """Whether ``data_path`` is a CSV whose labels come from a ``label`` column of 0 and 1 (which
+    Kaggle's CSVs fill the other way round), not from ``label_str`` or real/fake words."""
+    path = Path(str(data_path))
+    if not path.is_file():
+        return False
+    rows, columns = _read_csv(path)
+    key = _label_column(columns)
+    return key == "label" and all((r.get(key) or "").strip() in ("0", "1") for r in rows)
 
 
 # Where a CSV's relative paths may be, from its folder: its own files; faces-mini (CSVs beside

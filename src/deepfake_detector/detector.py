@@ -15,6 +15,7 @@ model folder; with neither, the threshold is 0.5 and a notice says so.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfake_detector.backends import METADATA, ONNX_FILE, OnnxBackend, open_onnx, scoring_metadata
+from deepfake_detector.backends import DECISION_FILE, METADATA, ONNX_FILE, OnnxBackend, open_onnx, scoring_metadata
+from deepfake_detector.errors import UserError
 from deepfake_detector.params import EvaluateParams
 from deepfake_detector.predict import Prepared, prepare
 
@@ -34,7 +36,8 @@ if TYPE_CHECKING:
 
     from deepfake_detector.model import DeepfakeNet
 
-DECISION_FILE = "detector.json"
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://...: a model URI, not a path
+Face = tuple[str, tuple[int, int, int, int] | None]  # what the face search found (predict.FACE_*) and the crop box
 PREPARE_THREADS = 4  # images read and prepared at once while the model scores
 
 
@@ -64,6 +67,14 @@ class Decision:
     def write(self, path: Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def decision_file(checkpoint: Path) -> Path | None:
+    """The decision settings of ``checkpoint``: ``detector.json`` beside it (the evaluate stage keeps a
+    copy with the model, and a registered model carries one), else in the pipeline workspace's
+    ``eval/`` next to the model folder; None when there is neither."""
+    candidates = (checkpoint.parent / DECISION_FILE, checkpoint.parent.parent / "eval" / DECISION_FILE)
+    return next((c for c in candidates if c.is_file()), None)
 
 
 class Detector:
@@ -119,6 +130,8 @@ class Detector:
         stands for ``model.pt``, which is then loaded only for Grad-CAM."""
         path = Path(path)
         checkpoint = path / "model.pt" if path.is_dir() else path
+        if not checkpoint.is_file() and not (checkpoint.parent / ONNX_FILE).is_file():  # ONNX Runtime needs no .pt
+            raise UserError(f"no model.pt in {path}: not a model folder (train writes one: models/)")
         scorer = open_onnx(backend, checkpoint.parent / ONNX_FILE, device)
         model: DeepfakeNet | Path = checkpoint
         info = scorer.metadata if scorer is not None else {}
@@ -128,9 +141,7 @@ class Detector:
             model, ckpt = load_checkpoint(checkpoint)
             info = scoring_metadata(model.image_size, ckpt)
         if not isinstance(decision, Decision):
-            candidates = [decision] if decision else [checkpoint.parent / DECISION_FILE,
-                                                      checkpoint.parent.parent / "eval" / DECISION_FILE]
-            found = next((Path(c) for c in candidates if Path(c).is_file()), None)
+            found = Path(decision) if decision else decision_file(checkpoint)
             if found is None:
                 notice(f"no {DECISION_FILE} for {checkpoint} (run the evaluate stage): threshold 0.5")
             decision = Decision.read(found) if found else Decision(min_source_size=info["min_source_size"])
@@ -144,6 +155,8 @@ class Detector:
         whose checkpoint and settings are downloaded: nothing is unpickled, no logged code runs."""
         if Path(model).exists():
             return cls.from_checkpoint(Path(model), device=device, backend=backend)
+        if not URI.match(model):  # a path, mistyped or moved: never a registry look-up
+            raise UserError(f"no such model folder: {model}")
         return cls.from_registry(model, mlflow_params, device, backend)
 
     @classmethod
@@ -176,8 +189,9 @@ class Detector:
         return "fake" if p_fake >= self.threshold else "real"
 
     def score(self, items: Sequence[Any], read: Callable[[Any], bytes] = read_file,
-              crop_faces: bool | None = None) -> tuple[np.ndarray, list[str]]:
-        """P(fake) of each item (NaN where not scored) and one reason per item ("" where scored).
+              crop_faces: bool | None = None) -> tuple[np.ndarray, list[str], list[Face]]:
+        """P(fake) of each item (NaN where not scored), one reason per item ("" where scored) and what
+        the face search found in each (``("", None)`` where not scored).
 
         ``read`` turns an item (a path; a base64 string when serving) into image bytes. Items are
         read and scored ``batch_size`` at a time and only the scores kept, so memory stays flat
@@ -185,22 +199,24 @@ class Detector:
         image gets its reason and does not stop the others.
         """
         p_fake, errors = np.full(len(items), np.nan, dtype=np.float32), [""] * len(items)
-        for start, scores, reasons in self.batches(items, read, crop_faces):
-            p_fake[start:start + len(scores)], errors[start:start + len(scores)] = scores, reasons
-        return p_fake, errors
+        faces: list[Face] = [("", None)] * len(items)
+        for start, scores, reasons, found in self.batches(items, read, crop_faces):
+            end = start + len(scores)
+            p_fake[start:end], errors[start:end], faces[start:end] = scores, reasons, found
+        return p_fake, errors, faces
 
     def batches(self, items: Sequence[Any], read: Callable[[Any], bytes] = read_file,
-                crop_faces: bool | None = None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
-        """:meth:`score`, a batch at a time: ``(start, P(fake), reasons)`` of ``items[start:start + n]``.
+                crop_faces: bool | None = None) -> Iterator[tuple[int, np.ndarray, list[str], list[Face]]]:
+        """:meth:`score`, a batch at a time: ``(start, P(fake), reasons, faces)`` of ``items[start:start + n]``.
 
         Reading, decoding and face-cropping run on :data:`PREPARE_THREADS` threads (Pillow and OpenCV
         release the GIL), the next batch's while the model scores this one: at most two batches of
         decoded images are held at once.
         """
 
-        def prepared(i: int) -> np.ndarray | str:
+        def prepared(i: int) -> Prepared | str:
             try:
-                return self.prepare(read(items[i]), crop_faces).array
+                return self.prepare(read(items[i]), crop_faces)
             except (ValueError, OSError, TypeError) as exc:  # binascii.Error is a ValueError
                 return str(exc) or type(exc).__name__
 
@@ -216,13 +232,14 @@ class Detector:
                 rows = [i for i, r in enumerate(results) if not isinstance(r, str)]
                 scores = np.full(len(results), np.nan, dtype=np.float32)
                 if rows:
-                    scores[rows] = self.predict(np.stack([results[i] for i in rows]))
-                yield start, scores, [r if isinstance(r, str) else "" for r in results]
+                    scores[rows] = self.predict(np.stack([results[i].array for i in rows]))
+                yield (start, scores, [r if isinstance(r, str) else "" for r in results],
+                       [("", None) if isinstance(r, str) else (r.face, r.face_box) for r in results])
 
     def score_files(self, paths: Sequence[Path], crop_faces: bool | None = None
                     ) -> tuple[np.ndarray, dict[Path, str], list[int]]:
         """:meth:`score` of files, as (scores of the readable ones, reason per other file, their indices)."""
-        p_fake, errors = self.score(paths, crop_faces=crop_faces)
+        p_fake, errors, _ = self.score(paths, crop_faces=crop_faces)
         kept = [i for i, e in enumerate(errors) if not e]
         return p_fake[kept], {Path(paths[i]): e for i, e in enumerate(errors) if e}, kept
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import pickle
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -240,8 +242,12 @@ def save_checkpoint(model: DeepfakeNet, path: Path, state_dict: dict | None = No
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DeepfakeNet, dict]:
     """Rebuild a model saved by :func:`save_checkpoint` (never downloading weights); returns it in
     eval mode and the checkpoint."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = dict(ckpt["config"])
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = dict(ckpt["config"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a checkpoint written by train ({type(exc).__name__}: {why})") from None
     cfg.setdefault("arch", "cnn")  # checkpoints from before model.arch existed
     cfg.setdefault("pretrained", "none")
     model = build_model(ModelParams(**{**cfg, "channels": tuple(cfg["channels"])}), ckpt["image_size"],

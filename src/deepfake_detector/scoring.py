@@ -5,6 +5,8 @@ No tracking: these read models, they never log runs."""
 from __future__ import annotations
 
 import csv
+import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,10 +14,10 @@ import numpy as np
 from tqdm import tqdm
 
 from deepfake_detector import data, sources
-from deepfake_detector.atomic import replacing_dir
-from deepfake_detector.detector import Detector
+from deepfake_detector.atomic import replacing_dir, replacing_file
+from deepfake_detector.detector import DECISION_FILE, Detector
 from deepfake_detector.params import Params
-from deepfake_detector.predict import iter_images
+from deepfake_detector.predict import PREDICTION_COLUMNS, box_text, iter_images, skipped_files
 
 
 def load_detector(p: Params, model: str, threshold: float | None = None) -> Detector:
@@ -30,45 +32,69 @@ def load_detector(p: Params, model: str, threshold: float | None = None) -> Dete
 
 def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold: float | None = None,
                   crop_faces: bool | None = None, progress: bool = False) -> dict:
-    """Score files and folders into a CSV (path, source, p_fake, label, error), streaming in batches.
+    """Score files and folders into a CSV (:data:`~deepfake_detector.predict.PREDICTION_COLUMNS`),
+    streaming in batches; returns the counts and the threshold.
 
-    Unreadable files get their reason in ``error`` and are counted; they do not stop the run.
-    Each image's source is named as in :func:`named_images`.
+    Unreadable files get their reason in ``error`` and are counted, and so are files a folder scan
+    leaves out for their type (``.heic``, ``.txt``): neither stops the run. Each image's source is
+    named as in :func:`named_images`. A :class:`~deepfake_detector.data.DataError` when there is no
+    image to score, or (once the CSV is written) when not one of them could be scored.
     """
+    named, skipped = named_images(paths)
+    if not named:
+        found = f": {len(skipped)} files of other types ({skipped_text(skipped)})" if skipped else ""
+        raise data.DataError(f"no images found in {', '.join(map(str, paths))}{found}")
+    if Path(out).is_dir():
+        raise data.DataError(f"--out {out} is a folder: give the CSV file to write, such as {Path(out) / 'preds.csv'}")
     detector = load_detector(p, model, threshold)
-    named = named_images(paths)
     files, names = [path for path, _ in named], [name for _, name in named]
-    counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with Path(out).open("w", newline="") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
+    counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0, "skipped": len(skipped)}
+    first_error = ""
+    with replacing_file(Path(out), "w") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
         writer = csv.writer(f)
-        writer.writerow(["path", "source", "p_fake", "label", "error"])
-        for start, p_fake, errors in detector.batches(files, crop_faces=crop_faces):
-            for path, name, score, error in zip(files[start:], names[start:], p_fake, errors):
-                if error:
-                    counts["unreadable"] += 1
-                    writer.writerow([path, name, "", "", error])
-                else:
-                    label = detector.label(score)
-                    counts[label] += 1
-                    writer.writerow([path, name, f"{score:.6f}", label, ""])
+        writer.writerow(PREDICTION_COLUMNS)
+        for start, p_fake, errors, faces in detector.batches(files, crop_faces=crop_faces):
+            for path, name, score, error, (face, box) in zip(files[start:], names[start:], p_fake, errors, faces):
+                label = "" if error else detector.label(score)
+                counts[label or "unreadable"] += 1
+                first_error = first_error or error and f"{path}: {error}"
+                writer.writerow([path, name, "", "" if error else f"{score:.6f}", label, face, box_text(box), error])
             bar.update(len(p_fake))
+        writer.writerows([path, name, "", "", "", "", "", f"skipped: {path.suffix.lower() or 'no suffix'} is not "
+                          "an image type read here"] for path, name in skipped)
+    if counts["unreadable"] == len(files):
+        raise data.DataError(f"none of the {len(files)} images could be scored (reasons in {out}; {first_error})")
     return {**counts, "threshold": detector.threshold}
 
 
-def named_images(paths: list[Path | str]) -> list[tuple[Path, str]]:
-    """The images of files and folders (:func:`iter_images`), each with the name of its source: the
-    folder given (a file's own folder), or the names of a list or mapping given as ``data.source``
-    takes it (``'{sd: photos/sd, gan: photos/gan}'``)."""
-    named = []
+def skipped_text(skipped: list[tuple[Path, str]]) -> str:
+    """What a scan left out, by type: ``.heic x12, .txt x1``."""
+    by_type = Counter(path.suffix.lower() or "no suffix" for path, _ in skipped)
+    return ", ".join(f"{suffix} x{n}" for suffix, n in by_type.most_common())
+
+
+def named_images(paths: list[Path | str]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """The images of files and folders (:func:`iter_images`), each with the name of its source, and
+    the files the folder scans left out for their type (:func:`skipped_files`), named alike.
+
+    A source is the folder given, or the names of a list or mapping given as ``data.source`` takes
+    it (``'{sd: photos/sd, gan: photos/gan}'``); a file named on its own has none (its folder's
+    name, ``real``, would read like a label).
+    """
+    named, skipped = [], []
     for arg in map(str, paths):
         if arg.strip().startswith(("[", "{")):
             locations = sources.parse_sources(arg)
+        elif not Path(arg).is_dir():
+            named.append((Path(arg), ""))
+            continue
         else:
-            folder = Path(arg) if Path(arg).is_dir() else Path(arg).parent
-            locations = {sources.source_name(str(folder.resolve()), strict=False): arg}
-        named += [(path, name) for name, location in locations.items() for path in iter_images([Path(location)])]
-    return named
+            locations = {sources.source_name(str(Path(arg).resolve()), strict=False): arg}
+        for name, location in locations.items():
+            named += [(path, name) for path in iter_images([Path(location)])]
+            if Path(location).is_dir():
+                skipped += [(path, name) for path in skipped_files(Path(location))]
+    return named, skipped
 
 
 def labelled_sources(data_path: str | Path, root: Path | None = None) -> tuple[list[Path], np.ndarray, np.ndarray]:
@@ -102,24 +128,42 @@ def _labelled_folder(path: Path) -> bool:
         return True
 
 
+# What evaluating another set writes: never the pipeline's decision settings or model card, so the
+# pipeline's eval/ (which holds them) is refused as --out rather than replaced.
+FOLDER_OUTPUTS = ("metrics.json", "plots", "unreadable.csv")
+
+
+def default_out(data_path: str | Path) -> Path:
+    """Where ``evaluate --data`` writes without ``--out``: ``eval-data/<the set's name>``, apart from
+    the pipeline's ``eval/``."""
+    text = str(data_path).strip()
+    name = "sources" if text.startswith(("[", "{")) else sources.source_name(str(Path(text).with_suffix("")
+                                                                                if Path(text).is_file() else text),
+                                                                           strict=False)
+    return Path("eval-data") / name
+
+
 def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, threshold: float | None = None,
                     root: Path | None = None) -> dict:
-    """Score any labelled folder (``real/`` and ``fake/``), CSV or set of sources (see
-    :func:`labelled_sources`) with a stored model, with metrics per source of fakes; no tracking.
+    """Score any labelled folder (``real/`` and/or ``fake/``), CSV or set of sources (see
+    :func:`labelled_sources`) with a stored model, with metrics per source; no tracking.
 
     ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
     ``threshold``, else the model's own (its ``detector.json``). A CSV's relative paths are under
     ``root``, else found beside it (see :func:`data.labelled_files`). ``out`` is replaced only
-    once complete.
+    once complete, and never when it holds a pipeline evaluation (``detector.json``).
     """
     # Here, not at the top: scikit-learn and the plots are a second of start-up that predict does not need.
     from deepfake_detector import evaluate
     from deepfake_detector.metrics import full_report, per_source
 
+    if (Path(out) / DECISION_FILE).exists():
+        raise data.DataError(f"{out} holds a pipeline evaluation ({DECISION_FILE}, which scorers read): "
+                             "scoring another set never replaces it; choose another --out")
     paths, labels, names = labelled_sources(data_path, root)
     detector = load_detector(p, model, threshold)
-    with replacing_dir(out, evaluate.OUTPUTS) as staging:  # entered first: a refused --out fails fast
-        p_fake, errors = detector.score(paths)
+    with replacing_dir(out, FOLDER_OUTPUTS) as staging:  # entered first: a refused --out fails fast
+        p_fake, errors, faces = detector.score(paths)
         kept = [i for i, error in enumerate(errors) if not error]
         unreadable = [(paths[i], error) for i, error in enumerate(errors) if error]
         if not kept:
@@ -129,8 +173,13 @@ def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, thr
         labels, p_fake, names = labels[kept], p_fake[kept], names[kept]
         metrics = {**full_report(labels, p_fake, detector.threshold),
                    "per_source": per_source(labels, p_fake, names, detector.threshold), "unreadable": len(unreadable)}
-        evaluate.write_outputs(staging, metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate)
+        evaluate.write_outputs(staging, metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate,
+                               sources=names.tolist(), faces=[faces[i] for i in kept])
         if unreadable:
             with (staging / "unreadable.csv").open("w", newline="") as f:
                 csv.writer(f).writerows([("path", "reason"), *unreadable])
+    if data.numeric_labels(data_path) and metrics["roc_auc"] < 0.5:
+        print(f"warning: ROC AUC {metrics['roc_auc']:.3f} is below chance. {data_path}'s 'label' column is read as "
+              "1 = fake; Kaggle's 140k CSVs use 1 = real (their label_str is read the right way round)",
+              file=sys.stderr)
     return metrics

@@ -1,5 +1,6 @@
 """The served model, logged from code (MLflow models-from-code): base64 image files in; P(fake),
-the label at the logged threshold and, for a row that is not a usable image, the reason out.
+the label at the logged threshold, what the face search found and, for a row that is not a usable
+image, the reason out (``p_fake`` and ``predicted`` then null: JSON has no NaN).
 
 MLflow records this file as the model's code and runs it when serving (`mlflow models serve`);
 nothing is pickled. It scores through the same :class:`~deepfake_detector.detector.Detector` as
@@ -12,11 +13,11 @@ from __future__ import annotations
 import base64
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from deepfake_detector.detector import Decision, Detector
+from deepfake_detector.predict import box_text
 
 
 def decode(value: str) -> bytes:
@@ -30,9 +31,15 @@ class ImageModel(PythonModel):
                                                  Decision.read(context.artifacts["decision"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        p_fake, errors = self.detector.score(list(model_input["image"]), read=decode)
-        labels = [self.detector.label(p) if not e else "" for p, e in zip(p_fake, errors)]
-        return pd.DataFrame({"p_fake": p_fake.astype(np.float64), "label": labels, "error": errors})
+        p_fake, errors, faces = self.detector.score(list(model_input["image"]), read=decode)
+        scored = [not e for e in errors]
+        # Object columns holding None: the scoring server writes them as null, where a float NaN
+        # would come out as the bare token NaN, which JSON parsers refuse.
+        return pd.DataFrame({
+            "p_fake": pd.Series([float(p) if ok else None for p, ok in zip(p_fake, scored)], dtype=object),
+            "predicted": pd.Series([self.detector.label(p) if ok else None for p, ok in zip(p_fake, scored)],
+                                   dtype=object),
+            "face": [face for face, _ in faces], "face_box": [box_text(box) for _, box in faces], "error": errors})
 
 
 mlflow.models.set_model(ImageModel())

@@ -179,28 +179,11 @@ class Tracker:
                     MlflowClient().log_artifact(self.run_id, str(path), artifact_path)
 
     def log_model(self, checkpoint: Path, decision: Path, example_image: bytes) -> str | None:
-        """Log the model as a pyfunc from code (``serving.py``): base64 image files in; ``p_fake``,
-        ``label`` and ``error`` out; call inside :meth:`running`.
-
-        The checkpoint (weights only) and the decision settings are artifacts beside the code, and
-        this package rides along as ``code_paths``: nothing is pickled. The serving environment
-        lists what the serving path imports (:data:`SERVING_REQUIREMENTS`), pinned to this one.
-        """
+        """Log the model (:func:`pyfunc_model`) to this run; call inside :meth:`running`."""
         if not self.active:
             return None
-        from importlib.metadata import version
-
-        example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
-        signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5], "label": ["real"], "error": [""]}))
         with _errors("log the model"):
-            return mlflow.pyfunc.log_model(
-                name="model", python_model=str(PACKAGE_DIR / "serving.py"),
-                artifacts={"checkpoint": str(checkpoint), "decision": str(decision),
-                           **({"onnx": str(onnx)} if (onnx := checkpoint.parent / ONNX_FILE).is_file() else {})},
-                code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-                pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS
-                                  if name != "onnxruntime" or onnxruntime_installed()],
-            ).model_uri
+            return mlflow.pyfunc.log_model(name="model", **pyfunc_model(checkpoint, decision, example_image)).model_uri
 
     def logged_params(self) -> dict[str, str]:
         if not self.active:
@@ -383,11 +366,46 @@ def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
     return tags
 
 
+def pyfunc_model(checkpoint: Path, decision: Path, example_image: bytes) -> dict[str, Any]:
+    """The model as a pyfunc from code (``serving.py``), as ``mlflow.pyfunc.log_model`` and
+    ``save_model`` take it: base64 image files in; ``p_fake``, ``predicted``, ``face``, ``face_box``
+    and ``error`` out.
+
+    The checkpoint (weights only) and the decision settings are artifacts beside the code, and
+    this package rides along as ``code_paths``: nothing is pickled. The serving environment
+    lists what the serving path imports (:data:`SERVING_REQUIREMENTS`), pinned to this one.
+    """
+    from importlib.metadata import version
+
+    example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
+    signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5], "predicted": ["real"], "face": ["cropped"],
+                                                       "face_box": ["0 0 8 8"], "error": [""]}))
+    onnx = checkpoint.parent / ONNX_FILE
+    return {"python_model": str(PACKAGE_DIR / "serving.py"),
+            "artifacts": {"checkpoint": str(checkpoint), "decision": str(decision),
+                          **({"onnx": str(onnx)} if onnx.is_file() else {})},
+            "code_paths": [str(PACKAGE_DIR)], "signature": signature, "input_example": example,
+            "pip_requirements": [f"{name}=={version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS
+                                 if name != "onnxruntime" or onnxruntime_installed()]}
+
+
+def save_model(out: Path, checkpoint: Path, decision: Path, example_image: bytes) -> None:
+    """Write the model (:func:`pyfunc_model`) as an MLflow model folder, ``out``, which
+    ``mlflow models serve -m OUT`` serves without a tracking server or registry."""
+    with _errors(f"save the model to {out}"):
+        mlflow.pyfunc.save_model(path=str(out), **pyfunc_model(checkpoint, decision, example_image))
+
+
 def download_model(model_uri: str, params: MlflowParams | None = None) -> tuple[Path, str]:
     """Download a logged or registered pyfunc's checkpoint and decision settings (files only: no
     code runs, nothing is unpickled); returns the folder holding them and a description."""
     from mlflow.artifacts import download_artifacts
 
+    uri = tracking_uri(params or MlflowParams())
+    store = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and not store.is_file():  # opening it would create an empty store
+        raise TrackingError(f"{model_uri}: no MLflow store at {store} to look it up in (set MLFLOW_TRACKING_URI, "
+                            "or give a model folder with model.pt)")
     connect(params or MlflowParams())
     version = registered_version(model_uri, params or MlflowParams())
     with _errors(f"download {model_uri}"):

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from deepfake_detector import evaluate
-from deepfake_detector.atomic import replacing_dir
+from deepfake_detector.atomic import replacing_dir, write_text
 from deepfake_detector.card import model_card
+from deepfake_detector.detector import DECISION_FILE
 from deepfake_detector.device import resolve_device
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.stages import register
@@ -17,7 +18,8 @@ from deepfake_detector.tracking import RUN_FILE, Tracker, run_tags
 
 def run(p: Params, processed: Path, model_dir: Path, out: Path, register_model: bool = True) -> dict:
     """Score the test split into ``out`` (metrics, plots, ``detector.json``, the model card), log them
-    to the training run and, if ``register_model``, register the model from ``out``.
+    to the training run and, if ``register_model``, register the model from ``out`` and keep a copy of
+    ``detector.json`` beside it (a Kubeflow step's model is a read-only input: there ``register`` carries it).
 
     Returns the metrics, plus ``registered_version`` when a version was registered. ``out`` is
     replaced only once complete.
@@ -45,5 +47,7 @@ def run(p: Params, processed: Path, model_dir: Path, out: Path, register_model: 
             (staging / register.CARD_FILE).write_text(card)
         target.log_metrics({f"test_{k}": v for k, v in flatten(metrics).items()})
         target.log_artifacts(out, "evaluation")
+    if register_model:  # the pipeline's own model folder: a copy of it alone scores at this threshold
+        write_text(model_dir / DECISION_FILE, (out / DECISION_FILE).read_text())
     version = register.run(p, model_dir, out) if register_model else None
     return {**metrics, **({"registered_version": version} if version else {})}

@@ -10,13 +10,15 @@ from __future__ import annotations
 import io
 import json
 import math
+import tempfile
 from pathlib import Path
 
 from PIL import Image
 
-from deepfake_detector.detector import DECISION_FILE, Decision, Detector
+from deepfake_detector.detector import DECISION_FILE, Decision, Detector, decision_file
+from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params
-from deepfake_detector.tracking import RUN_FILE, Tracker
+from deepfake_detector.tracking import RUN_FILE, Tracker, save_model
 
 METRICS_FILE, CARD_FILE = "metrics.json", "model_card.md"
 
@@ -39,13 +41,34 @@ def run(p: Params, model_dir: Path, evaluation: Path) -> str | None:
         return None
     checkpoint, decision = model_dir / "model.pt", evaluation / DECISION_FILE
     settings = Decision.read(decision)
-    # The input example shown with the model (and run through it by MLflow): a plain grey face-sized image.
-    side = max(Detector.from_checkpoint(checkpoint, settings).image_size, settings.min_source_size)
-    example = io.BytesIO()
-    Image.new("RGB", (side, side), (128, 128, 128)).save(example, format="PNG")
     with tracker.running():
-        model_uri = tracker.log_model(checkpoint, decision, example.getvalue())
+        model_uri = tracker.log_model(checkpoint, decision, example_image(checkpoint, settings))
     tags = {"test_roc_auc": f"{auc:.4f}", "test_accuracy": f"{metrics['accuracy']:.4f}",
             "threshold": f"{settings.threshold:.6f}", "threshold_rule": settings.rule,
             "crop_faces": str(settings.crop_faces).lower(), "min_source_size": str(settings.min_source_size)}
     return tracker.register(model_uri, tags, (evaluation / CARD_FILE).read_text())
+
+
+def example_image(checkpoint: Path, settings: Decision) -> bytes:
+    """The input example shown with the model (and run through it by MLflow): a plain grey PNG the
+    size of a face the model scores."""
+    side = max(Detector.from_checkpoint(checkpoint, settings).image_size, settings.min_source_size)
+    example = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(example, format="PNG")
+    return example.getvalue()
+
+
+def package(model_dir: Path, out: Path) -> None:
+    """A model folder (``model.pt`` and the ``detector.json`` the evaluate stage keeps beside it) saved
+    as the MLflow model the registry would hold, in ``out``: ``mlflow models serve -m OUT`` serves
+    it with no tracking server or registry. A model never evaluated is packaged at threshold 0.5."""
+    model_dir, out = Path(model_dir), Path(out)
+    if out.exists():
+        raise UserError(f"{out} exists: package writes a new folder")
+    checkpoint = model_dir / "model.pt"
+    detector = Detector.from_checkpoint(model_dir)  # refuses a folder without model.pt; says when 0.5 is used
+    with tempfile.TemporaryDirectory() as tmp:
+        decision = decision_file(checkpoint) or Path(tmp) / DECISION_FILE
+        if not decision.exists():
+            detector.decision.write(decision)
+        save_model(out, checkpoint, decision, example_image(checkpoint, detector.decision))
