@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from deepfake_detector import loso, preprocess  # noqa: E402
 from deepfake_detector.detector import Decision, Detector  # noqa: E402
 from deepfake_detector.device import resolve_device  # noqa: E402
-from deepfake_detector.metrics import choose_threshold, compute_metrics, per_source  # noqa: E402
+from deepfake_detector.metrics import choose_threshold, compute_metrics, per_fake_source  # noqa: E402
 from deepfake_detector.params import Params, load_params, to_dict, with_overrides  # noqa: E402
 from deepfake_detector.stages import download  # noqa: E402
 from deepfake_detector.train import fit, prepared_as  # noqa: E402
@@ -64,7 +64,7 @@ RECIPES: dict[str, list[str]] = {
     "patch": [*SCRATCH, "model.channels=[32,64,128]"],
     # The spectrum branch beside the CNN (spectrum.py); it needs a fake family with spectral traces in training.
     "crop+spectrum": [*CROP, "model.spectrum=true"],
-    # ... fit with the autoencoder twins (benchmarks/resynth.py, named ae in --sources), which the CNN never sees.
+    # ... fit with the autoencoder twins (`deepfake twins`, named ae in --sources), which the CNN never sees.
     "crop+spectrum-ae": [*CROP, "model.spectrum=true", "model.spectrum_only=[ae]"],
 }
 
@@ -98,7 +98,7 @@ def run_fit(p: Params, recipe: str, left_out: str | None, data: Path, full: Path
     for split in ("valid", "test"):
         y, p_fake, sources = scored(detector, full, split)
         row[f"{split}_auc"] = compute_metrics(y, p_fake, threshold)["roc_auc"]
-        row[split] = per_source(y, p_fake, sources, threshold)
+        row[split] = per_fake_source(y, p_fake, sources, threshold)
     return row
 
 

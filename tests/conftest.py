@@ -74,6 +74,22 @@ def make_dataset(root: Path, per_class: int = 4, size: int = 48, nested: bool = 
     return split_root
 
 
+def one_class_source(root: Path, label: int, per_split: int, first: int) -> Path:
+    """A source of one class alone, ``{train,valid,test}/<real or fake>/``: synthetic faces from index ``first``."""
+    for s, split in enumerate(SPLITS):
+        folder = root / split / ("real", "fake")[label]
+        folder.mkdir(parents=True)
+        for i in range(per_split):
+            synthetic_face(label, first + 1000 * s + i, 32).save(folder / f"{i:04d}.png")
+    return root
+
+
+# Overrides for a whole run in seconds: 32 px, a one-block CNN, one epoch on the CPU.
+TINY_RUN = ["preprocess.image_size=32", "preprocess.min_source_size=16", "preprocess.blur.prob=0",
+            "preprocess.noise.prob=0", "model.arch=cnn", "model.pretrained=none", "model.channels=[4]",
+            "model.hidden=4", "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu"]
+
+
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     """A small synthetic dataset; returns its root (the folder ``download`` would be pointed at)."""

@@ -71,7 +71,7 @@ def test_csv_with_kaggle_style_label_str(tmp_path, model_dir):
 def test_folder_without_classes_is_a_clear_error(tmp_path, model_dir):
     (tmp_path / "flat").mkdir()
     result = evaluate(tmp_path / "flat", model_dir, tmp_path / "out")
-    assert result.returncode == 2 and "needs real/ and fake/" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "needs a real/ or fake/ subfolder" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -196,11 +196,12 @@ def test_one_class_set_gets_threshold_metrics_and_undefined_ranking_metrics(tmp_
     assert metrics["roc_auc"] is metrics["average_precision"] is metrics["eer"] is None
     assert (metrics["n"], metrics["n_fake"], metrics["fn"] + metrics["tp"]) == (5, 5, 5)
     assert metrics["accuracy"] == metrics["recall"] == metrics["tp"] / 5  # all fakes: accuracy is recall
+    assert metrics["false_positive_rate"] is None  # no reals to call fake
     assert "roc_auc undefined" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "only fake images" in warnings[0] and "plots are skipped" in warnings[0]
     pngs = tmp_path / "out" / "plots" / "images"
-    assert sorted(p.name for p in pngs.iterdir()) == ["confusion.png", "reliability.png"]
+    assert sorted(p.name for p in pngs.iterdir()) == ["confusion.png", "per_source.png", "reliability.png"]
 
 
 class CountingDetector(Detector):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SPLITS, make_dataset, synthetic_face
+from conftest import ROOT, TINY_RUN, make_dataset, one_class_source
 from deepfake_detector import cli, loso
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, with_overrides
@@ -18,19 +18,6 @@ from deepfake_detector.preprocess import load_split
 from deepfake_detector.stages import download, preprocess
 
 PER_CLASS = 8  # per split: source a has 8 real and 8 fake, source b 8 fake
-SMALL = ["preprocess.image_size=32", "preprocess.min_source_size=16", "preprocess.blur.prob=0",
-         "preprocess.noise.prob=0", "model.arch=cnn", "model.pretrained=none", "model.channels=[4]", "model.hidden=4",
-         "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu"]
-
-
-def fakes_only(root: Path) -> Path:
-    """A source of fakes alone, ``{train,valid,test}/fake/``, unlike source a's."""
-    for s, split in enumerate(SPLITS):
-        folder = root / split / "fake"
-        folder.mkdir(parents=True)
-        for i in range(PER_CLASS):
-            synthetic_face(1, 5000 + 1000 * s + i, 32).save(folder / f"{i:04d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +25,8 @@ def two_sources(tmp_path_factory) -> tuple[Params, Path]:
     """Params naming sources a (real and fake) and b (fakes only), downloaded and preprocessed."""
     root = tmp_path_factory.mktemp("loso")
     a = make_dataset(root / "a", per_class=PER_CLASS, size=32, nested=False)
-    b = fakes_only(root / "b")
-    p = with_overrides(Params(), [f"data.source={{a: {a}, b: {b}}}", *SMALL])
+    b = one_class_source(root / "b", 1, PER_CLASS, 5000)  # fakes alone, unlike source a's
+    p = with_overrides(Params(), [f"data.source={{a: {a}, b: {b}}}", *TINY_RUN])
     download.run(p, root / "raw")
     preprocess.run(p, root / "raw", root / "processed", workers=1)
     return p, root / "processed"

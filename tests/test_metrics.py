@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from deepfake_detector.metrics import calibration, choose_threshold, compute_metrics, full_report, per_source
+from deepfake_detector.evaluate import robustness_row
+from deepfake_detector.metrics import (
+    calibration,
+    choose_threshold,
+    compute_metrics,
+    full_report,
+    per_fake_source,
+    per_real_source,
+    per_source,
+)
 
 
 def test_metrics_match_sklearn_on_random_scores():
@@ -41,6 +50,20 @@ def test_one_class_gives_nan_ranking_metrics_not_an_error():
     m = compute_metrics(np.array([1, 1]), np.array([0.2, 0.8]))
     assert np.isnan(m["roc_auc"]) and np.isnan(m["average_precision"])
     assert m["accuracy"] == 0.5
+
+
+def test_threshold_metrics_without_a_denominator_are_undefined_not_zero():
+    fakes = compute_metrics(np.array([1, 1]), np.array([0.2, 0.8]), 0.5)
+    assert (fakes["precision"], fakes["recall"], fakes["f1"]) == (1.0, 0.5, pytest.approx(2 / 3))
+    assert np.isnan(fakes["false_positive_rate"])  # no reals to call fake
+    reals = compute_metrics(np.array([0, 0, 0]), np.array([0.2, 0.6, 0.9]), 0.5)
+    assert np.isnan(reals["recall"]) and np.isnan(reals["f1"])  # no fakes to catch
+    assert reals["precision"] == 0.0 and reals["false_positive_rate"] == pytest.approx(2 / 3)  # two called fake
+    quiet = compute_metrics(np.array([0, 1]), np.array([0.2, 0.3]), 0.5)
+    assert np.isnan(quiet["precision"]) and np.isnan(quiet["f1"])  # nothing called fake
+    assert (quiet["recall"], quiet["false_positive_rate"]) == (0.0, 0.0)
+    missed = compute_metrics(np.array([0, 1]), np.array([0.7, 0.3]), 0.5)
+    assert (missed["precision"], missed["recall"], missed["f1"]) == (0.0, 0.0, 0.0)  # defined, and all wrong
 
 
 def test_eer_brier_and_counts():
@@ -85,30 +108,76 @@ def test_full_report_keeps_the_0_5_figures_and_calibration_rows():
     scores = np.array([0.1, 0.3, 0.45, 0.4, 0.7, 0.95])
     report = full_report(labels, scores, threshold=0.35)
     assert report["threshold"] == 0.35 and report["tp"] == 3 and report["fp"] == 1
-    assert report["at_0.5"]["tp"] == 2 and report["at_0.5"]["fp"] == 0
+    assert report["false_positive_rate"] == pytest.approx(1 / 3)  # 0.45 of the three reals
+    assert report["at_0.5"]["tp"] == 2 and report["at_0.5"]["fp"] == 0 and report["at_0.5"]["false_positive_rate"] == 0
     rows = calibration(labels, scores, bins=2)
     assert rows == [{"bin": 0.25, "mean_p_fake": pytest.approx(0.3125), "fraction_fake": 0.25, "count": 4},
                     {"bin": 0.75, "mean_p_fake": pytest.approx(0.825), "fraction_fake": 1.0, "count": 2}]
 
 
-def test_per_source_ranks_each_source_s_fakes_against_all_reals():
-    # Reals 0.2 and 0.4 (their sources get no entry); stylegan's fakes above both, sd's below both,
+def test_per_fake_source_ranks_each_source_s_fakes_against_all_reals():
+    # Reals 0.2 and 0.4 (their sources get no entry here); stylegan's fakes above both, sd's below both,
     # gan2's one fake between them.
     labels = np.array([0, 0, 1, 1, 1, 1, 1])
     scores = np.array([0.2, 0.4, 0.6, 0.9, 0.1, 0.15, 0.3])
     sources = ["ffhq", "stylegan", "stylegan", "stylegan", "sd", "sd", "gan2"]
-    m = per_source(labels, scores, sources, threshold=0.5)
+    m = per_fake_source(labels, scores, sources, threshold=0.5)
     assert list(m) == ["gan2", "sd", "stylegan"]  # by name
     assert m["stylegan"] == {"roc_auc": 1.0, "average_precision": 1.0, "recall": 1.0, "n_fake": 2}
     assert (m["sd"]["roc_auc"], m["sd"]["recall"], m["sd"]["n_fake"]) == (0.0, 0.0, 2)
     # sd ranked last: precision 1/3 at recall 1/2, 2/4 at recall 1 -> AP = (1/3 + 1/2) / 2.
     assert m["sd"]["average_precision"] == pytest.approx(5 / 12)
     assert (m["gan2"]["roc_auc"], m["gan2"]["average_precision"], m["gan2"]["recall"]) == (0.5, 0.5, 0.0)
-    assert per_source(labels, scores, sources, threshold=0.12)["sd"]["recall"] == 0.5  # 0.15 caught, 0.1 not
+    assert per_fake_source(labels, scores, sources, threshold=0.12)["sd"]["recall"] == 0.5  # 0.15 caught, 0.1 not
+    # stylegan also has a real image (0.4, under 2 of the 5 fakes): per_source gives it both sets of
+    # figures, ffhq the real ones only.
+    both = per_source(labels, scores, sources, threshold=0.5)
+    assert list(both) == ["ffhq", "gan2", "sd", "stylegan"]
+    assert both["stylegan"] == {**m["stylegan"], "false_positive_rate": 0.0, "real_roc_auc": 0.4, "n_real": 1}
+    assert set(both["ffhq"]) == {"false_positive_rate", "real_roc_auc", "n_real"}
 
 
 def test_per_source_without_reals_has_undefined_ranking_metrics():
     m = per_source(np.array([1, 1, 1]), np.array([0.2, 0.7, 0.9]), np.array(["a", "b", "b"]), threshold=0.5)
     assert np.isnan(m["a"]["roc_auc"]) and np.isnan(m["b"]["average_precision"])
     assert (m["a"]["recall"], m["b"]["recall"], m["b"]["n_fake"]) == (0.0, 1.0, 2)
-    assert per_source(np.array([0, 0]), np.array([0.1, 0.2]), ["x", "y"], 0.5) == {}  # no fakes, no entries
+    assert per_fake_source(np.array([0, 0]), np.array([0.1, 0.2]), ["x", "y"], 0.5) == {}  # no fakes, no entries
+    reals = per_source(np.array([0, 0]), np.array([0.1, 0.7]), ["x", "y"], 0.5)  # no fakes: no AUC, still an FPR
+    assert (reals["x"]["false_positive_rate"], reals["y"]["false_positive_rate"]) == (0.0, 1.0)
+    assert np.isnan(reals["y"]["real_roc_auc"]) and reals["y"]["n_real"] == 1
+
+
+# Three sources of reals (ffhq, utk, and mix, which also has a fake) and one of fakes (stylegan).
+LABELS = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 1])
+SCORES = np.array([0.1, 0.2, 0.3, 0.7, 0.6, 0.8, 0.4, 0.9, 0.65, 0.35, 0.05, 0.75])
+SOURCES = ["ffhq"] * 4 + ["utk"] * 3 + ["stylegan"] * 3 + ["mix"] * 2
+
+
+def test_per_real_source_by_hand():
+    """Each source's reals: the share called fake at the threshold, and every fake (0.9, 0.65, 0.35,
+    0.75) ranked against them."""
+    m = per_real_source(LABELS, SCORES, SOURCES, threshold=0.5)
+    assert list(m) == ["ffhq", "mix", "utk"]  # stylegan has no reals
+    # ffhq: 0.7 of 0.1/0.2/0.3/0.7 is called fake; fakes above its reals in 4 + 3 + 3 + 4 of 16 pairs.
+    assert m["ffhq"] == {"false_positive_rate": 0.25, "real_roc_auc": 14 / 16, "n_real": 4}
+    # utk: 0.6 and 0.8 of 0.6/0.8/0.4 called fake; fakes above its reals in 3 + 2 + 0 + 2 of 12 pairs.
+    assert m["utk"] == {"false_positive_rate": pytest.approx(2 / 3), "real_roc_auc": pytest.approx(7 / 12), "n_real": 3}
+    assert m["mix"] == {"false_positive_rate": 0.0, "real_roc_auc": 1.0, "n_real": 1}  # 0.05, under every fake
+    at_075 = per_real_source(LABELS, SCORES, SOURCES, threshold=0.75)
+    assert at_075["utk"]["false_positive_rate"] == pytest.approx(1 / 3)  # 0.8 only
+    assert compute_metrics(LABELS, SCORES, 0.5)["false_positive_rate"] == 3 / 8  # 0.7, 0.6, 0.8 of the 8 reals
+
+    both = per_source(LABELS, SCORES, SOURCES, threshold=0.5)
+    assert list(both) == ["ffhq", "mix", "stylegan", "utk"]
+    # stylegan's fakes against all 8 reals: 8 + 6 + 4 of 24 pairs; ranked 1st, 4th and 7th -> AP (1 + 2/4 + 3/7) / 3.
+    assert both["stylegan"] == {"roc_auc": 0.75, "average_precision": pytest.approx(9 / 14),
+                                "recall": pytest.approx(2 / 3), "n_fake": 3}
+    # mix's fake (0.75) is under one real (utk's 0.8): AUC 7/8, AP 1/2; its real (0.05) as above.
+    assert both["mix"] == {"roc_auc": 7 / 8, "average_precision": 0.5, "recall": 1.0, "n_fake": 1, **m["mix"]}
+
+
+def test_a_robustness_row_has_the_fake_sources_auc_and_the_real_sources_false_positive_rate():
+    row = robustness_row(LABELS, SCORES, SOURCES, threshold=0.5)
+    assert row == {"auc": compute_metrics(LABELS, SCORES)["roc_auc"], "accuracy": 8 / 12,
+                   "sources": {"mix": 7 / 8, "stylegan": 0.75},
+                   "source_fpr": {"ffhq": 0.25, "mix": 0.0, "utk": pytest.approx(2 / 3)}}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, wait_http
-from deepfake_detector.params import PromoteParams
+from deepfake_detector.params import ParamsError, PromoteParams, from_dict
 from deepfake_detector.promote import decide, robustness_drop
 
 NAME = "deepfake-detector"
@@ -116,19 +116,25 @@ def test_a_registry_that_does_not_answer_is_a_clear_error():
     assert "deepfake promote: error: cannot" in result.stderr
 
 
-def evaluated(sd_auc: float | None) -> dict[str, float]:
-    """Run metrics as the evaluate stage logs them (flattened), with per-source AUCs unless ``sd_auc`` is None."""
+def evaluated(sd_auc: float | None, utk_fpr: float | None = None) -> dict[str, float]:
+    """Run metrics as the evaluate stage logs them (flattened), with per-source AUCs unless ``sd_auc`` is
+    None, and the real sources' false positive rates (stylegan's reals 0.08, utk's) unless ``utk_fpr`` is."""
     metrics = {"test_roc_auc": 0.95, "test_robustness.jpeg_q30.auc": 0.92, "test_robustness.blur_s0.5.auc": 0.9,
-               # A row's per-source AUCs, even of a source named "auc", are not robustness rows.
-               "test_robustness.blur_s0.5.sources.sd": 0.1, "test_robustness.jpeg_q30.sources.auc": 0.1}
+               # A row's per-source figures, even of a source named "auc", are not robustness rows.
+               "test_robustness.blur_s0.5.sources.sd": 0.1, "test_robustness.jpeg_q30.sources.auc": 0.1,
+               "test_robustness.jpeg_q30.source_fpr.auc": 0.1}
     if sd_auc is not None:
         metrics |= {"test_per_source.stylegan.roc_auc": 0.97, "test_per_source.stylegan.recall": 0.1,
                     "test_per_source.sd.roc_auc": sd_auc, "test_per_source.sd.n_fake": 40.0}
+    if utk_fpr is not None:
+        metrics |= {"test_per_source.stylegan.false_positive_rate": 0.08, "test_per_source.stylegan.n_real": 100.0,
+                    "test_per_source.utk.false_positive_rate": utk_fpr, "test_per_source.utk.real_roc_auc": 0.6,
+                    "test_robustness.jpeg_q30.source_fpr.utk": 0.9}
     return metrics
 
 
 def test_robustness_drop_reads_only_the_rows_auc():
-    assert robustness_drop(evaluated(0.9)) == pytest.approx(0.95 - 0.9)
+    assert robustness_drop(evaluated(0.9, utk_fpr=0.1)) == pytest.approx(0.95 - 0.9)
 
 
 def test_the_worst_source_gates_promotion():
@@ -141,4 +147,26 @@ def test_the_worst_source_gates_promotion():
     passed, reasons = decide(evaluated(float("nan")), None, gates)  # undefined: no reals in the test split
     assert not passed and "FAIL: worst source sd's test AUC nan < min_source_auc 0.8" in reasons
     passed, reasons = decide(evaluated(None), None, gates)  # a run from before sources were named
-    assert passed and reasons[-1] == "pass: no per-source metrics (one source)"
+    assert passed and "pass: no per-source metrics (one source)" in reasons
+
+
+UTK = "worst real source utk's test false positive rate"
+
+
+def test_the_worst_real_source_s_false_positive_rate_gates_promotion():
+    gates = PromoteParams(max_source_fpr=0.2)
+    passed, reasons = decide(evaluated(0.9, utk_fpr=0.35), None, gates)
+    assert not passed and reasons[-1] == f"FAIL: {UTK} 0.3500 > max_source_fpr 0.2"
+    assert sum(r.startswith("FAIL") for r in reasons) == 1  # the other gates pass
+    passed, reasons = decide(evaluated(0.9, utk_fpr=0.2), None, gates)  # at the limit
+    assert passed and reasons[-1] == f"pass: {UTK} 0.2000 <= max_source_fpr 0.2"
+    passed, reasons = decide(evaluated(0.9, utk_fpr=0.01), None, gates)  # stylegan's reals are now the worst
+    assert passed and "worst real source stylegan's test false positive rate 0.0800" in reasons[-1]
+    passed, reasons = decide(evaluated(0.9, utk_fpr=float("nan")), None, gates)  # undefined counts as worst
+    assert not passed and reasons[-1].startswith(f"FAIL: {UTK} nan")
+    for older in (evaluated(0.9), evaluated(None)):  # evaluated before real sources were reported
+        passed, reasons = decide(older, None, gates)
+        assert passed and reasons[-1] == ("pass: no per-source false positive rates "
+                                          "(evaluated before real sources were reported)")
+    with pytest.raises(ParamsError, match="promote.max_source_fpr must be between 0 and 1, got 1.5"):
+        from_dict({"promote": {"max_source_fpr": 1.5}})

@@ -266,3 +266,43 @@ def test_balance_weights_the_classes_only_when_they_differ():
     assert (weights * torch.tensor([2.0, 6.0])).tolist() == pytest.approx([4.0, 4.0])  # each class weighs alike
     assert train.class_weights(np.array([0, 1] * 4), "auto", cpu) is None
     assert train.class_weights(np.array([0] * 2 + [1] * 6), "none", cpu) is None
+    assert train.class_weights(np.array([0] * 2 + [1] * 6), "sources", cpu) is None  # weighted per image instead
+
+
+def test_balance_by_sources_weighs_each_class_half_and_its_sources_alike():
+    """train.balance sources: n / (2 k_class n_group) per (class, source) group. Reals: 6 ffhq, 2 utk;
+    fakes: 3 of ffhq's source (it holds both), 1 sd; 12 images."""
+    labels = np.array([0] * 6 + [0] * 2 + [1] * 3 + [1])
+    sources = ["ffhq"] * 6 + ["utk"] * 2 + ["ffhq"] * 3 + ["sd"]
+    weights = train.source_weights(labels, sources, "sources")
+    assert weights.tolist() == [0.5] * 6 + [1.5] * 2 + [1.0] * 3 + [3.0]
+    groups = [weights[:6].sum(), weights[6:8].sum(), weights[8:11].sum(), weights[11:].sum()]
+    assert [float(g) for g in groups] == [3.0] * 4  # every source of a class alike, each class n / 2
+    assert float(weights.mean()) == 1.0  # on the scale of a plain mean
+    assert train.source_weights(labels, sources, "auto") is None is train.source_weights(labels, sources, "none")
+    # One source per class and equal classes: all weights equal, so the plain mean, as auto keeps.
+    assert train.source_weights(np.array([0, 1] * 4), ["a"] * 8, "sources") is None
+    # One source per class, unequal classes: the same numbers as auto's class weights.
+    unequal = np.array([0] * 2 + [1] * 6)
+    assert train.source_weights(unequal, ["a"] * 8, "sources").tolist() == \
+        train.class_weights(unequal, "auto", torch.device("cpu"))[unequal].tolist()
+
+
+def test_weighted_loss_is_the_weighted_mean_and_a_blend_weighs_as_its_two_images():
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    per_image = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+    plain = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, target)
+    assert torch.allclose(train.weighted_mean(per_image, torch.full((4,), 3.0), logits, target), plain)
+    weights = torch.tensor([1.0, 0.0, 0.0, 1.0])  # images 1 and 2 count for nothing
+    expected = (per_image(logits, target)[0] + per_image(logits, target)[3]) / 2
+    assert torch.allclose(train.weighted_mean(per_image, weights, logits, target), expected)
+    trainer = train.Trainer(train.build_model(MODEL, 32), TrainParams(epochs=1), torch.device("cpu"), seed=0,
+                            world=train.SINGLE, steps_per_epoch=1, image_weights=torch.tensor([1.0, 2.0, 4.0, 8.0]))
+    idx = torch.tensor([1, 2, 3])
+    assert train.batch_weights(trainer, idx, {}).tolist() == [2.0, 4.0, 8.0]
+    # MixUp blends each image of the batch with the one before it there (the first with the last), in
+    # its drawn share: the blend weighs as the two images do, in those shares.
+    share = torch.tensor([1.0, 0.25, 0.5, 1.0])
+    blended = train.batch_weights(trainer, idx, {"mix": share[idx]})
+    assert blended.tolist() == [0.25 * 2 + 0.75 * 8, 0.5 * 4 + 0.5 * 2, 8.0]

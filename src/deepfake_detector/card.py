@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def _figure(value: float) -> str:
+    """A figure to 4 places; an undefined one (NaN) as "undefined"."""
+    return "undefined" if math.isnan(value) else f"{value:.4f}"
+
+
+def _table(head: list[str], rows: list[list[object]]) -> str:
+    """A markdown table; floats as :func:`_figure` writes them."""
+    cells = [head, ["---"] * len(head)] + [[_figure(c) if isinstance(c, float) else str(c) for c in r] for r in rows]
+    return "\n".join("| " + " | ".join(r) + " |" for r in cells)
 
 
 def model_card(name: str, metrics: dict, params: dict[str, Any], data: dict[str, Any], run_id: str | None) -> str:
     """Markdown describing what the model is, what it was trained on, how well it does and where not."""
     at_half = metrics.get("at_0.5", {})
-    rows = [("ROC AUC", metrics["roc_auc"], None), ("average precision", metrics["average_precision"], None),
-            ("equal error rate", metrics["eer"], None), ("Brier score", metrics["brier"], None)]
-    rows += [(k, metrics[k], at_half.get(k)) for k in ("accuracy", "precision", "recall", "f1")]
-    table = "\n".join(f"| {k} | {v:.4f} | {'' if h is None else f'{h:.4f}'} |" for k, v, h in rows)
-    robustness = "\n".join(f"| {k} | {v['auc']:.4f} | {v['accuracy']:.4f} |"
-                           for k, v in metrics.get("robustness", {}).items()) or "| (not measured) | | |"
-    sources = "\n".join(f"| {k} | {v['n_fake']} | {v['roc_auc']:.4f} | {v['average_precision']:.4f} | "
-                        f"{v['recall']:.4f} |" for k, v in metrics.get("per_source", {}).items())
+    table = _table(["metric", "at the chosen threshold", "at 0.5"], [
+        ["ROC AUC", metrics["roc_auc"], ""], ["average precision", metrics["average_precision"], ""],
+        ["equal error rate", metrics["eer"], ""], ["Brier score", metrics["brier"], ""],
+        *([k.replace("_", " "), metrics[k], at_half.get(k, "")]
+          for k in ("accuracy", "precision", "recall", "f1", "false_positive_rate"))])
+    by_source = metrics.get("per_source", {})
+    fakes = [[k, v["n_fake"], v["roc_auc"], v["average_precision"], v["recall"]]
+             for k, v in by_source.items() if "n_fake" in v]
+    reals = [[k, v["n_real"], v["false_positive_rate"], v["real_roc_auc"]]
+             for k, v in by_source.items() if "n_real" in v]
     per_source = f"""
 ## Per source of fakes (test split)
 Each source's fakes against all real test images; recall at the chosen threshold.
 
-| source | fakes | ROC AUC | average precision | recall |
-|---|---|---|---|---|
-{sources}
-""" if sources else ""
+{_table(["source", "fakes", "ROC AUC", "average precision", "recall"], fakes)}
+""" if fakes else ""
+    per_source += f"""
+## Per source of real faces (test split)
+The share of each source's real test faces called fake at the chosen threshold, and how well all
+test fakes are told from them.
+
+{_table(["source", "reals", "false positive rate", "ROC AUC of all fakes vs these reals"], reals)}
+""" if reals else ""
+    real_names = [row[0] for row in reals]
+    robustness = _table(["perturbation", "ROC AUC", "accuracy", *(f"false positive rate, {k}" for k in real_names)],
+                        [[k, v["auc"], v["accuracy"], *(v.get("source_fpr", {}).get(s, "") for s in real_names)]
+                         for k, v in metrics.get("robustness", {}).items()] or [["(not measured)", "", ""]])
     data_lines = "\n".join(f"- {k}: `{v}`" for k, v in data.items() if v not in (None, ""))
     param_lines = "\n".join(f"- `{k}`: {v}" for k, v in sorted(params.items()))
     return f"""# {name}
@@ -49,16 +72,12 @@ the validation split); images at or above it are called fake.
 {data_lines}
 
 ## Test metrics
-| metric | at the chosen threshold | at 0.5 |
-|---|---|---|
 {table}
 
 Confusion at the chosen threshold: {metrics['tn']} real kept, {metrics['fp']} real flagged,
 {metrics['fn']} fakes missed, {metrics['tp']} fakes caught.
 {per_source}
 ## Robustness (test split, perturbed)
-| perturbation | ROC AUC | accuracy |
-|---|---|---|
 {robustness}
 
 ## Parameters

@@ -20,8 +20,18 @@ from sklearn import metrics as skm
 from deepfake_detector import plots, preprocess
 from deepfake_detector.data import CLASSES
 from deepfake_detector.detector import DECISION_FILE, Decision, Detector
-from deepfake_detector.metrics import NEVER, calibration, choose_threshold, compute_metrics, full_report, per_source
+from deepfake_detector.metrics import (
+    NEVER,
+    calibration,
+    choose_threshold,
+    compute_metrics,
+    full_report,
+    per_fake_source,
+    per_real_source,
+    per_source,
+)
 from deepfake_detector.params import EvaluateParams
+from deepfake_detector.predict import PREDICTION_COLUMNS, box_text
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.robustness import perturbations
 
@@ -35,9 +45,9 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     """Evaluate on the test split with a threshold chosen on valid; writes metrics.json, plots/ and
     the decision settings every scorer of this model applies, ``detector.json``.
 
-    Returns the metrics, ``per_source`` (each source's fakes against all reals, see
-    :func:`~deepfake_detector.metrics.per_source`) and ``robustness`` (a row per perturbation, with
-    each source's AUC under it) included.
+    Returns the metrics, ``per_source`` (each source's fakes against all reals, each source's reals
+    against all fakes, see :func:`~deepfake_detector.metrics.per_source`) and ``robustness`` (a row
+    per perturbation, :func:`robustness_row`) included.
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     meta = json.loads((Path(processed_dir) / "meta.json").read_text())
@@ -51,15 +61,22 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     p_fake = detector.predict(images)
     paths, sources = read_index(processed_dir, "test")
     result = {**full_report(labels, p_fake, threshold), "per_source": per_source(labels, p_fake, sources, threshold)}
-    result["robustness"] = {}
-    for name, transform in perturbations(params.robustness, seed):
-        p = detector.predict(images, transform)
-        m = compute_metrics(labels, p, threshold)
-        result["robustness"][name] = {"auc": m["roc_auc"], "accuracy": m["accuracy"], "sources": {
-            source: s["roc_auc"] for source, s in per_source(labels, p, sources, threshold).items()}}
+    result["robustness"] = {name: robustness_row(labels, detector.predict(images, transform), sources, threshold)
+                            for name, transform in perturbations(params.robustness, seed)}
     write_outputs(out_dir, result, labels, p_fake, paths, params, images=images,
-                  history=model_path.parent / "history.csv")
+                  history=model_path.parent / "history.csv", sources=sources)
     return result
+
+
+def robustness_row(labels: np.ndarray, p_fake: np.ndarray, sources: list[str], threshold: float) -> dict:
+    """One perturbation's row: test ``auc`` and ``accuracy``, each fake source's AUC against all reals
+    (``sources``) and each real source's false positive rate at ``threshold`` (``source_fpr``: the
+    share of its perturbed photographs called fake, what a perturbation costs the people scored)."""
+    m = compute_metrics(labels, p_fake, threshold)
+    return {"auc": m["roc_auc"], "accuracy": m["accuracy"],
+            "sources": {s: v["roc_auc"] for s, v in per_fake_source(labels, p_fake, sources, threshold).items()},
+            "source_fpr": {s: v["false_positive_rate"]
+                           for s, v in per_real_source(labels, p_fake, sources, threshold).items()}}
 
 
 def read_index(processed_dir: Path, split: str) -> tuple[list[str], list[str]]:
@@ -80,18 +97,23 @@ def _nan_to_null(value: object) -> object:
 
 
 def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.ndarray, paths: list[str],
-                  params: EvaluateParams, images: np.ndarray | None = None, history: Path | None = None) -> None:
-    """``metrics.json`` plus plot data (JSON/CSV for DVC) and PNGs under ``out_dir/plots``."""
+                  params: EvaluateParams, images: np.ndarray | None = None, history: Path | None = None,
+                  sources: list[str] | None = None, faces: list[tuple[str, tuple | None]] | None = None) -> None:
+    """``metrics.json`` plus plot data (JSON/CSV for DVC) and PNGs under ``out_dir/plots``; the per-image
+    ``plots/predictions.csv`` has ``deepfake predict``'s columns, with each image's source and, for
+    files scored whole or cropped, what the face search found (``faces``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data, pngs = out_dir / "plots", out_dir / "plots" / "images"
     pngs.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(_nan_to_null(result), indent=2, allow_nan=False) + "\n")
     threshold = result["threshold"]
     pred = (p_fake >= threshold).astype(int)
+    sources, faces = sources or [""] * len(paths), faces or [("", None)] * len(paths)
     with (data / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "actual", "predicted", "p_fake"])
-        w.writerows((p, CLASSES[a], CLASSES[b], f"{s:.6f}") for p, a, b, s in zip(paths, labels, pred, p_fake))
+        w.writerow(PREDICTION_COLUMNS)
+        w.writerows((p, source, CLASSES[a], f"{s:.6f}", CLASSES[b], face, box_text(box), "") for p, source, a, s, b,
+                    (face, box) in zip(paths, sources, labels, p_fake, pred, faces))
     both = len(np.unique(labels)) == 2
     roc = pr = []
     if both:
@@ -100,7 +122,7 @@ def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.nd
         precision, recall, _ = skm.precision_recall_curve(labels, p_fake)
         pr = [{"recall": float(r), "precision": float(p)} for p, r in zip(precision, recall)]
     reliability = calibration(labels, p_fake, params.calibration_bins)
-    # Flat rows for DVC's plots: each source's robustness AUC stays in metrics.json.
+    # Flat rows for DVC's plots: each source's robustness figures stay in metrics.json.
     robustness = [{"perturbation": k, "auc": v["auc"], "accuracy": v["accuracy"]}
                   for k, v in result.get("robustness", {}).items()]
     sources = [{"source": k, **v} for k, v in result.get("per_source", {}).items()]
@@ -110,12 +132,12 @@ def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.nd
     if both:
         plots.roc(pngs / "roc.png", roc, result["roc_auc"])
         plots.precision_recall(pngs / "precision_recall.png", pr, result["average_precision"])
-        if sources:
-            plots.per_source(pngs / "per_source.png", sources, result["threshold"])
     else:
         print(f"warning: only {CLASSES[labels[0]]} images: ROC AUC, average precision and EER are undefined "
-              "(null in metrics.json) and the ROC, precision-recall and per-source plots are skipped; they need "
-              "both classes", file=sys.stderr)
+              "(null in metrics.json) and the ROC and precision-recall plots are skipped; they need both classes",
+              file=sys.stderr)
+    if sources:  # one class too: the false positive rate of each source of reals stands alone
+        plots.per_source(pngs / "per_source.png", sources, result["threshold"])
     plots.confusion(pngs / "confusion.png", skm.confusion_matrix(labels, pred, labels=[0, 1]), threshold)
     plots.reliability(pngs / "reliability.png", reliability, result["brier"])
     if robustness:

@@ -4,7 +4,7 @@ With several named fake sources (``data.source``, see :mod:`~deepfake_detector.s
 turn is left out of training: the model is trained on every image except that source's fakes (its
 reals stay: a StyleGAN source also holds the FFHQ photographs), its threshold is chosen on the valid
 split filtered the same way, and it is scored on the whole test split, each source's fakes against
-all reals (:func:`~deepfake_detector.metrics.per_source`). The held-out source's AUC, the diagonal of
+all reals (:func:`~deepfake_detector.metrics.per_fake_source`). The held-out source's AUC, the diagonal of
 the matrix, is the number that says whether the detector catches fakes of a kind it was not trained
 on; the other cells are the in-distribution control.
 
@@ -30,7 +30,7 @@ from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.data import CLASSES, SPLITS
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.metrics import choose_threshold, compute_metrics, per_source
+from deepfake_detector.metrics import choose_threshold, compute_metrics, per_fake_source
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split, npy_header, read_index
 from deepfake_detector.sources import DEFAULT_NAME
@@ -204,7 +204,7 @@ def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     sources = [row["source"] for row in read_index(data, "test")[1]]
     overall = compute_metrics(test_y, p_fake, threshold)
     return {"threshold": float(threshold), "test_roc_auc": overall["roc_auc"], "test_accuracy": overall["accuracy"],
-            "test_recall": overall["recall"], "per_source": per_source(test_y, p_fake, sources, threshold)}
+            "test_recall": overall["recall"], "per_source": per_fake_source(test_y, p_fake, sources, threshold)}
 
 
 def _logged_params(p: Params, meta: dict, sources: list[str]) -> dict:

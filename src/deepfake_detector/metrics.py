@@ -7,6 +7,8 @@ The positive class is ``fake`` (label 1): precision and recall are about catchin
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -66,47 +68,88 @@ def calibration(labels: np.ndarray, p_fake: np.ndarray, bins: int) -> list[dict]
 
 
 def compute_metrics(labels: np.ndarray, p_fake: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Threshold metrics at ``threshold``, ranking metrics (AUC, AP, EER), calibration and counts."""
+    """Threshold metrics at ``threshold``, ranking metrics (AUC, AP, EER), calibration and counts.
+
+    A figure without a denominator in this set is NaN, not 0: recall and the false positive rate
+    (real faces called fake) without fakes or reals, precision when no image is called fake, F1 when
+    either precision or recall is; so is every ranking metric of a one-class set.
+    """
     labels = np.asarray(labels).astype(int)
     p_fake = np.asarray(p_fake, dtype=np.float64)
     pred = (p_fake >= threshold).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+    tn, fp, fn, tp = (int(n) for n in skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel())
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = math.nan if math.isnan(precision + recall) else 2 * tp / (2 * tp + fp + fn)  # tp + fn > 0 here
     both = len(np.unique(labels)) == 2  # ranking metrics need both classes present
     return {
-        "n": int(len(labels)), "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum()),
+        "n": int(len(labels)), "n_real": tn + fp, "n_fake": fn + tp,
         "threshold": float(threshold),
         "accuracy": float(skm.accuracy_score(labels, pred)),
-        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
-        "recall": float(skm.recall_score(labels, pred, zero_division=0)),
-        "f1": float(skm.f1_score(labels, pred, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(labels, p_fake)) if both else float("nan"),
-        "average_precision": float(skm.average_precision_score(labels, p_fake)) if both else float("nan"),
-        "eer": equal_error_rate(labels, p_fake) if both else float("nan"),
+        "precision": precision, "recall": recall, "f1": f1,
+        "false_positive_rate": _ratio(fp, tn + fp),
+        "roc_auc": float(skm.roc_auc_score(labels, p_fake)) if both else math.nan,
+        "average_precision": float(skm.average_precision_score(labels, p_fake)) if both else math.nan,
+        "eer": equal_error_rate(labels, p_fake) if both else math.nan,
         "brier": float(skm.brier_score_loss(labels, p_fake, pos_label=1)),
         "log_loss": float(skm.log_loss(labels, p_fake, labels=[0, 1])),
-        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
     }
+
+
+def _ratio(part: int, whole: int) -> float:
+    """``part / whole``; NaN when ``whole`` is 0 (the figure is undefined for this set)."""
+    return part / whole if whole else math.nan
 
 
 def full_report(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dict:
     """Metrics at the chosen threshold, plus the threshold metrics at 0.5 for comparison."""
     at_half = compute_metrics(labels, p_fake, 0.5)
     return {**compute_metrics(labels, p_fake, threshold),
-            "at_0.5": {k: at_half[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}}
+            "at_0.5": {k: at_half[k] for k in ("accuracy", "precision", "recall", "f1", "false_positive_rate",
+                                               "tn", "fp", "fn", "tp")}}
 
 
 def per_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
                threshold: float) -> dict[str, dict]:
-    """Per source of fakes, by name: its fakes against every real image of the set (ROC AUC and
-    average precision, NaN without reals), its recall at ``threshold`` and ``n_fake``.
+    """Per source, by name: :func:`per_fake_source`'s figures if it has fakes, :func:`per_real_source`'s
+    if it has reals, both if both (their keys differ: ``n_fake`` marks the one, ``n_real`` the other)."""
+    fakes = per_fake_source(labels, p_fake, sources, threshold)
+    reals = per_real_source(labels, p_fake, sources, threshold)
+    return {name: {**fakes.get(name, {}), **reals.get(name, {})} for name in sorted(fakes.keys() | reals.keys())}
+
+
+def per_fake_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
+                    threshold: float) -> dict[str, dict]:
+    """Per source of fakes, by name: its fakes against every real image of the set (``roc_auc`` and
+    ``average_precision``, NaN without reals), its ``recall`` at ``threshold`` and ``n_fake``.
 
     Reals are one pool whatever their source, so each figure says how well that generator's fakes
-    stand out from the photographs; a source with reals only gets no entry.
+    stand out from the photographs.
     """
+    return {name: {k: m[k] for k in ("roc_auc", "average_precision", "recall", "n_fake")}
+            for name, m in _each_source(labels, p_fake, sources, threshold, 1).items()}
+
+
+def per_real_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
+                    threshold: float) -> dict[str, dict]:
+    """Per source of real images, by name: the share of its reals called fake at ``threshold``
+    (``false_positive_rate``), ``n_real``, and ``real_roc_auc``: every fake of the set against its
+    reals (NaN without fakes), how well the fakes stand out from this source's photographs.
+
+    No average precision: with every fake as a positive, it would say more about the pool of fakes
+    and its size than about this source.
+    """
+    return {name: {"false_positive_rate": m["false_positive_rate"], "real_roc_auc": m["roc_auc"], "n_real": m["n_real"]}
+            for name, m in _each_source(labels, p_fake, sources, threshold, 0).items()}
+
+
+def _each_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str], threshold: float,
+                 label: int) -> dict[str, dict]:
+    """:func:`compute_metrics` per source of ``label`` images: its images of that class against every
+    image of the other class, whatever their source."""
     labels, p_fake, sources = np.asarray(labels).astype(int), np.asarray(p_fake), np.asarray(sources)
     result = {}
-    for name in sorted(set(sources[labels == 1].tolist())):
-        keep = (labels == 0) | (sources == name)
-        m = compute_metrics(labels[keep], p_fake[keep], threshold)
-        result[name] = {k: m[k] for k in ("roc_auc", "average_precision", "recall", "n_fake")}
+    for name in sorted(set(sources[labels == label].tolist())):
+        keep = (labels != label) | (sources == name)
+        result[name] = compute_metrics(labels[keep], p_fake[keep], threshold)
     return result

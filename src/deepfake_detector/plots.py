@@ -80,17 +80,29 @@ def robustness(path: Path, rows: list[dict], clean_auc: float) -> None:
 
 
 def per_source(path: Path, rows: list[dict], threshold: float) -> None:
-    """ROC AUC and recall at ``threshold`` of each source's fakes (rows of metrics.per_source), side by side."""
+    """Rows of metrics.per_source, a panel per kind present: each source's fakes (ROC AUC against all
+    reals, recall at ``threshold``) and each source's reals (false positive rate at ``threshold``,
+    ROC AUC of all fakes against them), side by side."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(rows) + 2), 3.5))
-    x = np.arange(len(rows))
-    bars = ((-0.2, "roc_auc", "ROC AUC vs all reals"), (0.2, "recall", f"recall at {threshold:.3f}"))
-    for offset, key, label in bars:
-        ax.bar(x + offset, [r[key] for r in rows], width=0.4, label=label)
-    ax.axhline(0.5, color="grey", linestyle=":", label="chance AUC")
-    ax.set_xticks(x, [f"{r['source']}\n({r['n_fake']} fakes)" for r in rows])
-    ax.set(ylim=(0, 1.05), title="Each source's fakes against all real images")
-    ax.legend(loc="lower left", fontsize=8)
+    at = f"at {threshold:.3f}"
+    kinds = [("n_fake", "fakes", "Each source's fakes against all real images",
+              (("roc_auc", "ROC AUC vs all reals"), ("recall", f"recall {at}"))),
+             ("n_real", "reals", "Each source's real images against all fakes",
+              (("false_positive_rate", f"false positive rate {at}"), ("real_roc_auc", "ROC AUC of all fakes vs them")))]
+    panels = [(count, noun, title, bars, mine) for count, noun, title, bars in kinds
+              if (mine := [r for r in rows if count in r])]
+    widths = [max(4.5, 1.2 * len(mine) + 2) for *_, mine in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 3.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (count, noun, title, bars, mine) in zip(axes.flat, panels):
+        x = np.arange(len(mine))
+        for offset, (key, label) in zip((-0.2, 0.2), bars):
+            ax.bar(x + offset, [r[key] for r in mine], width=0.4, label=label)
+        ax.axhline(0.5, color="grey", linestyle=":", label="chance AUC")
+        ax.set_xticks(x, [f"{r['source']}\n({r[count]} {noun})" for r in mine])
+        ax.set(ylim=(0, 1.35), yticks=np.linspace(0, 1, 6))  # the legend above the bars: a low FPR stays in sight
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper left", fontsize=8, ncol=2)
     _save(fig, path)
 
 

@@ -9,21 +9,37 @@ import time
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, PromoteParams
 
+# A robustness row's figures per source, ``test_robustness.<row>.<section>.<source>``: never rows themselves.
+ROW_SECTIONS = (".sources.", ".source_fpr.")
+
 
 def robustness_drop(metrics: dict[str, float]) -> float | None:
     """Clean test AUC minus the worst perturbed AUC (``test_robustness.<row>.auc`` run metrics; not a
-    row's per-source AUCs, ``test_robustness.<row>.sources.<source>``, whatever the source's name)."""
-    perturbed = [v for k, v in metrics.items()
-                 if k.startswith("test_robustness.") and k.endswith(".auc") and ".sources." not in k]
+    row's per-source figures, whatever the source's name)."""
+    perturbed = [v for k, v in metrics.items() if k.startswith("test_robustness.") and k.endswith(".auc")
+                 and not any(section in k for section in ROW_SECTIONS)]
     return metrics["test_roc_auc"] - min(perturbed) if perturbed else None
+
+
+def _per_source(metrics: dict[str, float], key: str) -> list[tuple[str, float]]:
+    """(source, value) of each ``test_per_source.<source>.<key>`` run metric."""
+    return [(k.split(".")[1], v) for k, v in metrics.items()
+            if k.startswith("test_per_source.") and k.endswith(f".{key}") and k.count(".") == 2]
 
 
 def worst_source(metrics: dict[str, float]) -> tuple[str, float] | None:
     """The source whose fakes the model separates worst from the reals, and its test AUC
     (``test_per_source.<source>.roc_auc`` run metrics; an undefined AUC counts as worst); None without any."""
-    aucs = [(k.split(".")[1], v) for k, v in metrics.items()
-            if k.startswith("test_per_source.") and k.endswith(".roc_auc") and k.count(".") == 2]
+    aucs = _per_source(metrics, "roc_auc")
     return min(aucs, key=lambda item: (not math.isnan(item[1]), item[1])) if aucs else None
+
+
+def worst_real_source(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The source of real faces the model calls fake most often, and that test false positive rate
+    (``test_per_source.<source>.false_positive_rate``; an undefined one counts as worst); None without
+    any (a model evaluated before real sources were reported)."""
+    rates = _per_source(metrics, "false_positive_rate")
+    return max(rates, key=lambda item: (math.isnan(item[1]), item[1])) if rates else None
 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None,
@@ -61,6 +77,14 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
         passed &= ok
         reasons.append(f"{'pass' if ok else 'FAIL'}: worst source {worst[0]}'s test AUC {worst[1]:.4f} "
                        f"{'>=' if ok else '<'} min_source_auc {gates.min_source_auc}")
+    worst = worst_real_source(challenger)
+    if worst is None:
+        reasons.append("pass: no per-source false positive rates (evaluated before real sources were reported)")
+    else:
+        ok = worst[1] <= gates.max_source_fpr
+        passed &= ok
+        reasons.append(f"{'pass' if ok else 'FAIL'}: worst real source {worst[0]}'s test false positive rate "
+                       f"{worst[1]:.4f} {'<=' if ok else '>'} max_source_fpr {gates.max_source_fpr}")
     return passed, reasons
 
 

@@ -17,6 +17,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from deepfake_detector.batches import Batches, resident_choice
 from deepfake_detector.checkpoint import CheckpointStore
 from deepfake_detector.distributed import SINGLE, World
 from deepfake_detector.errors import Stopped, UserError
-from deepfake_detector.metrics import compute_metrics, per_source
+from deepfake_detector.metrics import compute_metrics, per_fake_source
 from deepfake_detector.model import build_model, save_checkpoint, to_input
 from deepfake_detector.params import ModelParams, TrainParams, to_dict
 from deepfake_detector.preprocess import load_split, read_index
@@ -154,13 +155,15 @@ def seed_everything(seed: int, world: World = SINGLE) -> None:
 class Trainer:
     """Model, optimizer and everything else a checkpoint holds, for one training run.
 
-    ``model`` takes float NCHW input in [0, 1] and returns two logits (real, fake).
+    ``model`` takes float NCHW input in [0, 1] and returns two logits (real, fake). ``class_weights``
+    weight the loss per class, ``image_weights`` (CPU, one per training image) per image instead.
     """
 
     def __init__(self, model: nn.Module, params: TrainParams, device: torch.device, seed: int, world: World,
-                 steps_per_epoch: int, class_weights: torch.Tensor | None = None) -> None:
+                 steps_per_epoch: int, class_weights: torch.Tensor | None = None,
+                 image_weights: torch.Tensor | None = None) -> None:
         self.params, self.device, self.world = params, device, world
-        self.class_weights = class_weights
+        self.class_weights, self.image_weights = class_weights, image_weights
         self.steps_per_epoch = steps_per_epoch
         self.model = model.to(device)
         if params.channels_last:
@@ -259,7 +262,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     """
     out_dir = Path(out_dir)
     all_train, all_valid = load_split(processed_dir, "train"), load_split(processed_dir, "valid")
-    train_x, train_y, _ = cnn_rows(processed_dir, "train", *all_train, model_params)
+    train_x, train_y, train_sources = cnn_rows(processed_dir, "train", *all_train, model_params)
     valid_x, valid_y, valid_sources = cnn_rows(processed_dir, "valid", *all_valid, model_params)
     # With several sources of fakes, each one's valid AUC (its fakes against all reals) is logged per epoch.
     several = len({s for s, y in zip(valid_sources, valid_y) if y == 1}) > 1
@@ -276,7 +279,8 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
     seed_everything(seed, world)
     steps = len(epoch_batches(torch.arange(len(train_x)), params.batch_size, world))
     trainer = Trainer(build_model(model_params, train_x.shape[1]), params, device, seed, world, steps,
-                      class_weights(train_y, params.balance, device))
+                      class_weights(train_y, params.balance, device),
+                      source_weights(train_y, train_sources, params.balance))
     if resume is not None:
         trainer.load(resume)
     net: nn.Module = trainer.model
@@ -309,7 +313,7 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
             distributed.sync_buffers(trainer.evaluated, world)
             p_valid = validate(trainer.evaluated, valid_data, params.batch_size * 2, world, params.channels_last)
             valid = compute_metrics(valid_y, p_valid)
-            by_source = per_source(valid_y, p_valid, valid_sources, 0.5) if several else {}
+            by_source = per_fake_source(valid_y, p_valid, valid_sources, 0.5) if several else {}
             trainer.seconds += time.perf_counter() - started
             row = {"epoch": epoch, "train_loss": sums["loss_sum"] / sums["seen"],
                    "train_accuracy": sums["correct"] / sums["seen"], "valid_loss": valid["log_loss"],
@@ -385,11 +389,24 @@ def prepared_as(meta: dict) -> dict[str, Any]:
 
 def class_weights(labels: np.ndarray, balance: str, device: torch.device) -> torch.Tensor | None:
     """Loss weights n / (2 n_class) that make real and fake count alike (``train.balance: auto``);
-    None (a plain mean) when the classes are already equal or balance is off."""
+    None (a plain mean) when the classes are already equal or balance is not ``auto``."""
     counts = np.bincount(labels, minlength=2)
-    if balance == "none" or counts[0] == counts[1] or not counts.all():
+    if balance != "auto" or counts[0] == counts[1] or not counts.all():
         return None
     return torch.tensor(len(labels) / (2 * counts), dtype=torch.float32, device=device)
+
+
+def source_weights(labels: np.ndarray, sources: list[str], balance: str) -> torch.Tensor | None:
+    """Per-image loss weights n / (2 k_class n_group) (``train.balance: sources``): each class counts
+    half and, within it, each of its k_class sources alike, so a small second source of reals is not
+    drowned by a large one. None (a plain mean) when they are all equal or balance is not ``sources``."""
+    if balance != "sources":
+        return None
+    groups = list(zip(np.asarray(labels).tolist(), sources))
+    size = Counter(groups)
+    per_class = Counter(label for label, _ in size)  # sources of each class
+    weights = np.array([len(groups) / (2 * per_class[label] * size[label, source]) for label, source in groups])
+    return None if np.all(weights == weights[0]) else torch.tensor(weights, dtype=torch.float32)
 
 
 def monitor_score(history: list[dict[str, float]], key: str, window: int) -> float:
@@ -427,7 +444,9 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
         pos.sums = {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
                     dtype=torch.int64), "seen": torch.zeros((), device=device, dtype=torch.int64)}
     batches = epoch_batches(pos.order, params.batch_size, world)
-    loss_fn = nn.CrossEntropyLoss(weight=trainer.class_weights, label_smoothing=params.label_smoothing)
+    weighted = trainer.image_weights is not None
+    loss_fn = nn.CrossEntropyLoss(weight=trainer.class_weights, label_smoothing=params.label_smoothing,
+                                  reduction="none" if weighted else "mean")
     net.train()
     bar = tqdm(total=len(batches), initial=pos.step, desc=f"epoch {pos.epoch}/{params.epochs}",
                disable=not progress or not world.main, unit="batch", leave=False)
@@ -438,13 +457,29 @@ def train_one_epoch(trainer: Trainer, net: nn.Module, data: Batches, stop: StopR
                 return False
             plan = {k: v[idx] for k, v in pos.plan.items()}
             inputs, target = augment.mix(prepare_batch(trainer, x, plan), y, plan.get("mix"))
-            loss, logits = train_step(trainer, net, inputs, target, loss_fn)  # accuracy: each image's own label
+            batch_loss = partial(weighted_mean, loss_fn, batch_weights(trainer, idx, plan)) if weighted else loss_fn
+            loss, logits = train_step(trainer, net, inputs, target, batch_loss)  # accuracy: each image's own label
             pos.sums["loss_sum"] += loss.detach() * len(y)
             pos.sums["correct"] += (logits.argmax(1) == y).sum()
             pos.sums["seen"] += len(y)
             pos.step += 1
             bar.update()
     return True
+
+
+def batch_weights(trainer: Trainer, idx: torch.Tensor, plan: augment.Plan) -> torch.Tensor:
+    """The per-image loss weights of the batch ``idx`` on the device; a MixUp blend weighs as its two
+    images do, in their shares (paired as :func:`augment.mix` pairs them)."""
+    weights = trainer.image_weights[idx]
+    if "mix" in plan:
+        weights = weights.roll(1, 0).lerp(weights, plan["mix"].to(weights.dtype))
+    return weights.to(trainer.device, non_blocking=True)
+
+
+def weighted_mean(per_image: nn.Module, weights: torch.Tensor, logits: torch.Tensor,
+                  target: torch.Tensor) -> torch.Tensor:
+    """sum(w l) / sum(w) of the per-image losses: the mean that CrossEntropyLoss takes under class weights."""
+    return (weights * per_image(logits, target)).sum() / weights.sum()
 
 
 def prepare_batch(trainer: Trainer, images: torch.Tensor, plan: augment.Plan | None) -> torch.Tensor:
@@ -457,7 +492,7 @@ def prepare_batch(trainer: Trainer, images: torch.Tensor, plan: augment.Plan | N
 
 
 def train_step(trainer: Trainer, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a prepared batch with class indices or (MixUp's) soft targets ``y``;
     returns the loss and logits (still on the device)."""
     with torch.autocast(trainer.device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
