@@ -27,12 +27,22 @@ def download(params: dict, raw: Output[Dataset]) -> str:
     return (info.get("dvc") or {}).get("md5") or info["source"]
 
 
-def preprocess(params: dict, raw: Input[Dataset], processed: Output[Dataset]) -> None:
-    """Validate, resize and degrade the raw images into memory-mappable arrays."""
+def twins(params: dict, raw: Input[Dataset], twins: Output[Dataset]) -> None:
+    """Autoencoder twins of the raw real faces (``twins.enabled``; else a marker alone)."""
+    from deepfake_detector.contract import from_stage_params
+    from deepfake_detector.stages import twins as stage
+
+    record = stage.run(from_stage_params("twins", params), raw.path, twins.path)
+    twins.metadata.update({"enabled": record["enabled"], "seconds": record["seconds"],
+                           **{source: sum(n.values()) for source, n in record.get("twins", {}).items()}})
+
+
+def preprocess(params: dict, raw: Input[Dataset], twins: Input[Dataset], processed: Output[Dataset]) -> None:
+    """Validate, resize and degrade the raw images, and the twins when made, into memory-mappable arrays."""
     from deepfake_detector.contract import from_stage_params
     from deepfake_detector.stages import preprocess as stage
 
-    meta = stage.run(from_stage_params("preprocess", params), raw.path, processed.path)
+    meta = stage.run(from_stage_params("preprocess", params), raw.path, processed.path, twins=twins.path)
     processed.metadata.update({split: s["images"] for split, s in meta["splits"].items()})
     processed.metadata["quarantined"] = meta["quarantined"]
 
@@ -83,6 +93,7 @@ def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], evalu
     """Score the test split and log it to the training run; ``evaluation`` gets the metrics, plots,
     the decision settings (``detector.json``) and the model card. Returns the test ROC AUC for the gate."""
     import json
+    import math
     from pathlib import Path
 
     from deepfake_detector.contract import from_stage_params
@@ -95,7 +106,8 @@ def evaluate(params: dict, processed: Input[Dataset], model: Input[Model], evalu
     decision = json.loads((Path(evaluation.path) / "detector.json").read_text())
     evaluation.metadata.update({"threshold": decision["threshold"], "threshold_rule": decision["rule"]})
     for key, value in flatten(result).items():
-        metrics.log_metric(key, value)
+        if isinstance(value, (int, float)) and math.isfinite(value):  # KFP cannot carry an undefined (NaN) metric
+            metrics.log_metric(key, value)
     if roc:
         classification.log_roc_curve([r["fpr"] for r in roc], [r["tpr"] for r in roc],
                                      [r["threshold"] for r in roc])
@@ -115,4 +127,4 @@ def register(params: dict, model: Input[Model], evaluation: Input[Artifact]) -> 
 def build(image: str) -> SimpleNamespace:
     """The components above on ``image``, which must have this project installed (see Dockerfile)."""
     make = dsl.component(base_image=image, install_kfp_package=False)
-    return SimpleNamespace(**{f.__name__: make(f) for f in (download, preprocess, train, evaluate, register)})
+    return SimpleNamespace(**{f.__name__: make(f) for f in (download, twins, preprocess, train, evaluate, register)})

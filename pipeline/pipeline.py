@@ -1,4 +1,4 @@
-"""The ``@dsl.pipeline``: download -> preprocess -> train (torchrun, GPUs) -> evaluate -> gated register.
+"""The ``@dsl.pipeline``: download -> twins -> preprocess -> train (torchrun, GPUs) -> evaluate -> gated register.
 
 Its parameters are the keys of ``params.yaml`` with dots as underscores (``train.epochs`` ->
 ``train_epochs``), defaults read from the file at compile time, so the KFP UI shows and edits the
@@ -14,8 +14,8 @@ from kfp import dsl, kubernetes
 
 from components.stages import build
 from deepfake_detector.contract import STAGES, param_name, param_value, stage_params
-from deepfake_detector.sources import pinned
 from deepfake_detector.params import Params, flatten
+from deepfake_detector.sources import pinned
 
 # Keys of the MLflow secret: the URI is required, the rest optional (not every server wants them).
 SECRET_REQUIRED = ("MLFLOW_TRACKING_URI",)
@@ -63,8 +63,9 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
         params = {stage: {key: channels[key] for key in stage_params(defaults, stage)} for stage in STAGES}
         download = ops.download(params=params["download"]).set_display_name("download")
         download.set_retry(num_retries=options.download_retries, backoff_duration="30s", backoff_factor=2)
-        preprocess = ops.preprocess(params=params["preprocess"],
-                                    raw=download.outputs["raw"]).set_display_name("preprocess")
+        twins = ops.twins(params=params["twins"], raw=download.outputs["raw"]).set_display_name("twins")
+        preprocess = ops.preprocess(params=params["preprocess"], raw=download.outputs["raw"],
+                                    twins=twins.outputs["twins"]).set_display_name("preprocess")
         train = ops.train(params=params["train"], processed=preprocess.outputs["processed"],
                           nproc_per_node=max(options.accelerator_limit, 1),
                           checkpoint_dir=CHECKPOINT_DIR if options.checkpoint_pvc else "").set_display_name("train")
@@ -86,7 +87,7 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
         # only when the compiled default is pinned (its bytes fixed by its name); a Kaggle dataset
         # or a folder read again may have changed. A run given another source keeps this choice.
         download.set_caching_options(pinned(defaults.data.source, defaults.data.sha256))
-        for task in (preprocess, train, evaluate, register):
+        for task in (twins, preprocess, train, evaluate, register):
             task.set_caching_options(True)
         for task in (train, evaluate, register):
             kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in SECRET_REQUIRED})
@@ -102,7 +103,7 @@ def make_pipeline(defaults: Params, options: ClusterOptions = ClusterOptions()):
     deepfake_detector_pipeline.__signature__ = inspect.Signature(parameters)
     deepfake_detector_pipeline.__annotations__ = {p.name: p.annotation for p in parameters}
     return dsl.pipeline(name="deepfake-detector",
-                        description="Real vs GAN face detector: download, preprocess, train, evaluate, "
+                        description="Real vs GAN face detector: download, twins, preprocess, train, evaluate, "
                                     "register to MLflow")(deepfake_detector_pipeline)
 
 

@@ -15,7 +15,7 @@ from conftest import ROOT, make_dataset
 from deepfake_detector.contract import PIPELINE, STAGES, Stage, from_stage_params, param_name, param_value, stage_params
 from deepfake_detector.params import Params, ParamsError, flatten, load_params, with_overrides
 from deepfake_detector.sources import pinned
-from deepfake_detector.stages import download, evaluate, preprocess, register, train
+from deepfake_detector.stages import download, evaluate, preprocess, register, train, twins
 
 PACKAGE = ROOT / "src" / "deepfake_detector"
 DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -139,6 +139,9 @@ def test_import_closure_holds_only_what_the_stage_runs():
     assert "model.py" in closure["train"] and "model.py" in closure["evaluate"]
     assert "model.py" not in closure["download"] | closure["preprocess"]
     assert not {"train.py", "tracking.py", "metrics.py"} & (closure["download"] | closure["preprocess"])
+    # The twins' autoencoder and torch stay out of preprocess; the twins stage runs no training code.
+    assert "twins.py" in closure["twins"] and "twins.py" not in closure["preprocess"]
+    assert not {"model.py", "train.py", "tracking.py"} & closure["twins"]
     assert {"metrics.py", "tracking.py"} <= closure["train"]
     assert not {"promote.py", "scoring.py", "cli.py"} & set().union(*closure.values())
 
@@ -236,13 +239,18 @@ def test_kfp_steps_get_only_their_stage_params(spec, name):
 def test_evaluate_param_change_keeps_the_train_step_cached(spec, tmp_path):
     changed = compiled(tmp_path, "evaluate.threshold_rule=fixed")
     assert changed["root"]["inputDefinitions"]["parameters"]["evaluate_threshold_rule"]["defaultValue"] == "fixed"
-    for name in ("download", "preprocess", "train"):
+    for name in ("download", "twins", "preprocess", "train"):
         assert step(changed, name) == step(spec, name), name
     assert step(changed, "evaluate")["reads"] != step(spec, "evaluate")["reads"]
     # A train param moves train (and evaluate, through the new model); download and preprocess stay cached.
     changed = compiled(tmp_path, "train.lr=0.01")
     assert step(changed, "preprocess") == step(spec, "preprocess")
     assert step(changed, "train")["reads"] != step(spec, "train")["reads"]
+    # preprocess.split_ratios splits the twins as it splits the reals: both steps move with it.
+    changed = compiled(tmp_path, "preprocess.split_ratios=[0.7, 0.15, 0.15]")
+    assert step(changed, "download") == step(spec, "download")
+    for name in ("twins", "preprocess"):
+        assert step(changed, name)["reads"] != step(spec, name)["reads"], name
 
 
 @pytest.mark.parametrize("source, sha256, expected", [
@@ -266,9 +274,11 @@ def test_pinned_sources(source, sha256, expected):
 def test_download_step_is_cached_only_for_a_pinned_default_source(spec, tmp_path):
     cached = lambda s: {n: t.get("cachingOptions", {}).get("enableCache", False)  # noqa: E731
                         for n, t in s["root"]["dag"]["tasks"].items() if n != "condition-1"}
-    assert cached(spec) == {"download": False, "preprocess": True, "train": True, "evaluate": True}  # Kaggle
+    assert cached(spec) == {"download": False, "twins": True, "preprocess": True, "train": True,
+                            "evaluate": True}  # Kaggle
     pinned_spec = compiled(tmp_path, "data.source=dvc:https://github.com/org/deepfake-detector@v1.0")
-    assert cached(pinned_spec) == {"download": True, "preprocess": True, "train": True, "evaluate": True}
+    assert cached(pinned_spec) == {"download": True, "twins": True, "preprocess": True, "train": True,
+                                   "evaluate": True}
     assert step(spec, "register")["task"]["cachingOptions"]["enableCache"]
 
 
@@ -303,13 +313,16 @@ def test_stages_read_only_their_params_and_write_only_their_outputs(tmp_path, mo
         "preprocess.image_size=32", "preprocess.min_source_size=16", "model.arch=cnn", "model.pretrained=none",
         "model.channels=[4]", "model.hidden=4",
         "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu",
+        "twins.enabled=true", "twins.epochs=1", "twins.crop=16", "twins.device=cpu",
         "evaluate.robustness.jpeg_quality=[90]", "evaluate.robustness.blur_sigma=[1.0]", "evaluate.mistakes=2",
         "mlflow.register_min_auc=0", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    path = {p: root / p for p in ("data/raw", "data/processed", "models", "eval")}
+    path = {p: root / p for p in ("data/raw", "data/twins", "data/processed", "models", "eval")}
     results = {}
     run = {
         "download": lambda p: download.run(p, path["data/raw"]),
-        "preprocess": lambda p: preprocess.run(p, path["data/raw"], path["data/processed"], workers=1),
+        "twins": lambda p: twins.run(p, path["data/raw"], path["data/twins"]),
+        "preprocess": lambda p: preprocess.run(p, path["data/raw"], path["data/processed"], workers=1,
+                                               twins=path["data/twins"]),
         "train": lambda p: train.run(p, path["data/processed"], path["models"]),
         "evaluate": lambda p: evaluate.run(p, path["data/processed"], path["models"], path["eval"]),
         "register": lambda p: register.run(p, path["models"], path["eval"]),
@@ -325,4 +338,5 @@ def test_stages_read_only_their_params_and_write_only_their_outputs(tmp_path, mo
         assert [f for f in written if not any(f == o or f.startswith(f"{o}/") for o in stage.outputs)] == [], name
     assert outside == []
     assert results["evaluate"]["registered_version"] == "1" and results["register"] == "2"
+    assert results["preprocess"]["sources"][-1] == "twins" and results["twins"]["enabled"]
     assert json.loads((path["models"] / "run.json").read_text())["run_id"]

@@ -82,10 +82,11 @@ def train_step(spec: dict) -> tuple[dict, dict, dict, dict]:
 
 def test_spec_has_the_stages_in_order_and_the_gate(spec):
     tasks = spec["pipeline"]["root"]["dag"]["tasks"]
-    assert set(tasks) == {"download", "preprocess", "train", "evaluate", "condition-1"}
+    assert set(tasks) == {"download", "twins", "preprocess", "train", "evaluate", "condition-1"}
     artifact_from = lambda task: {a["taskOutputArtifact"]["producerTask"]  # noqa: E731
                                   for a in tasks[task]["inputs"].get("artifacts", {}).values()}
-    assert artifact_from("preprocess") == {"download"}
+    assert artifact_from("twins") == {"download"}
+    assert artifact_from("preprocess") == {"download", "twins"}
     assert artifact_from("train") == {"preprocess"}
     assert artifact_from("evaluate") == {"preprocess", "train"}
     gate = tasks["condition-1"]["triggerPolicy"]["condition"]
@@ -215,6 +216,26 @@ def test_pipeline_runs_locally_on_two_sources_with_metrics_per_source(tmp_path, 
     assert run.data.params["data.source"] == source  # the mapping's text, through every step
     assert {"test_per_source.stylegan.roc_auc", "test_per_source.sd.roc_auc", "valid_auc.stylegan",
             "valid_auc.sd"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_locally_with_twins_on_tiny_data(tmp_path, monkeypatch):
+    """The twins step for real, on synthetic faces: each real's twin, in its split, reaches preprocess
+    as the fake source `twins` and training logs it apart."""
+    faces = make_dataset(tmp_path / "faces", per_class=4, size=32)
+    run_local_pipeline(tmp_path, monkeypatch, data_source=str(faces), preprocess_limit_per_class=0,
+                       preprocess_min_source_size=16, twins_enabled=True, twins_epochs=2, twins_crop=16,
+                       twins_device="cpu", mlflow_register_min_auc=0.0)
+    (made,) = (tmp_path / "root").rglob("twins.json")
+    assert json.loads(made.read_text())["twins"] == {"real-vs-fake": {"train": 4, "valid": 4, "test": 4}}
+    assert sorted(p.name for p in (made.parent / "valid" / "fake").iterdir()) == [
+        f"real-vs-fake.{p.name}.jpg" for p in sorted((faces / "valid" / "real").iterdir())]
+    (meta,) = (tmp_path / "root").rglob("meta.json")
+    meta = json.loads(meta.read_text())
+    assert meta["sources"] == ["real-vs-fake", "twins"] and meta["splits"]["test"]["fake"] == 8
+    client, version = registered(tmp_path)
+    run = client.get_run(version.run_id)
+    assert run.data.params["twins.epochs"] == "2" and "valid_auc.twins" in run.data.metrics
 
 
 @pytest.mark.slow

@@ -117,7 +117,7 @@ def mlflow_client(repo: Path):
 
 def test_repro_runs_every_stage_and_writes_metrics(repo):
     log = (repo / "first-repro.log").read_text()
-    assert ran_stages(log) == ["download", "preprocess", "train", "evaluate"]
+    assert ran_stages(log) == ["download", "twins", "preprocess", "train", "evaluate"]
     metrics = json.loads((repo / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 24 and 0.0 <= metrics["roc_auc"] <= 1.0
     assert {"accuracy", "precision", "recall", "f1", "average_precision", "tn", "fp", "fn", "tp"} <= set(metrics)
@@ -187,7 +187,7 @@ def test_predict_cli_and_app_label_like_the_registered_model(repo, env, monkeypa
     for name, model in (("local", "models"), ("registry", "models:/deepfake-detector@challenger")):
         sh(["deepfake", "predict", str(faces), "--model", model, "--out", f"{name}.csv"], repo, safe)
         with (repo / f"{name}.csv").open() as f:
-            tables[name] = {Path(r["path"]).name: (float(r["p_fake"]), r["label"]) for r in csv.DictReader(f)}
+            tables[name] = {Path(r["path"]).name: (float(r["p_fake"]), r["predicted"]) for r in csv.DictReader(f)}
         (repo / f"{name}.csv").unlink()
     assert tables["local"].keys() == tables["registry"].keys() and len(tables["local"]) == 3
     for face, (p_fake, label) in tables["local"].items():

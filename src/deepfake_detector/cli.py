@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from deepfake_detector.errors import Stopped, UserError
-from deepfake_detector.params import Params, load_params, with_overrides
+from deepfake_detector.params import Params, ParamsError, load_params, with_overrides
 
 
 def show_progress() -> bool:
@@ -35,10 +35,25 @@ def report_download(info: dict, out: Path) -> None:
               f"{', '.join(info['skipped_links'][:10])}{' ...' if len(info['skipped_links']) > 10 else ''}")
 
 
+def cmd_twins(p: Params, args: argparse.Namespace) -> None:
+    from deepfake_detector.stages import twins
+
+    report_twins(twins.run(p, args.raw, args.out), args.out)
+
+
+def report_twins(record: dict, out: Path) -> None:
+    if not record["enabled"]:
+        print(f"twins.enabled is false: no twins made, a marker in {out}")
+        return
+    made = {source: sum(splits.values()) for source, splits in record["twins"].items()}
+    print(f"{sum(made.values())} twins {made} in {out} ({record['seconds']:.0f} s); "
+          f"mean |error| (0-255) {record['l1_per_split']}")
+
+
 def cmd_preprocess(p: Params, args: argparse.Namespace) -> None:
     from deepfake_detector.stages import preprocess
 
-    report_preprocess(preprocess.run(p, args.raw, args.out, args.workers, show_progress()), args.out)
+    report_preprocess(preprocess.run(p, args.raw, args.out, args.workers, show_progress(), args.twins), args.out)
 
 
 def report_preprocess(meta: dict, out: Path) -> None:
@@ -50,7 +65,7 @@ def report_preprocess(meta: dict, out: Path) -> None:
 
 
 def cmd_train(p: Params, args: argparse.Namespace) -> None:
-    train(p, args.data, args.out, args.checkpoint_dir, args.params, args.overrides)
+    train(p, args.data, args.out, args.checkpoint_dir, args.params or DEFAULT_PARAMS, args.overrides)
 
 
 def train(p: Params, data: Path, out: Path, checkpoint_dir: Path | None, params_file: Path,
@@ -90,12 +105,16 @@ def cmd_evaluate(p: Params, args: argparse.Namespace) -> None:
     if (Path(args.data) / "meta.json").exists():  # a preprocessed dataset: the pipeline's stage
         from deepfake_detector.stages import evaluate
 
-        metrics = evaluate.run(p, args.data, args.model, args.out)
+        if args.params is None and not DEFAULT_PARAMS.exists():
+            raise ParamsError(f"params file not found: {DEFAULT_PARAMS} (the evaluate stage reads the pipeline's)")
+        out = args.out or Path("eval")
+        metrics = evaluate.run(p, args.data, args.model, out)
     else:  # any labelled folder or CSV, scored with a stored model
-        from deepfake_detector.scoring import evaluate_folder
+        from deepfake_detector.scoring import default_out, evaluate_folder
 
-        metrics = evaluate_folder(p, args.data, str(args.model), args.out, args.threshold, args.root)
-    report_evaluate(p, metrics, args.out)
+        out = args.out or default_out(args.data)
+        metrics = evaluate_folder(p, args.data, str(args.model), out, args.threshold, args.root)
+    report_evaluate(p, metrics, out)
 
 
 def report_evaluate(p: Params, metrics: dict, out: Path) -> None:
@@ -105,13 +124,18 @@ def report_evaluate(p: Params, metrics: dict, out: Path) -> None:
     robustness = metrics.pop("robustness", {})
     sources = metrics.pop("per_source", {})
     print("test: " + ", ".join(f"{k} {figure(v)}" for k, v in flatten(metrics).items()))
-    for name, row in sources.items():
-        print(f"  {name:>14}: {row['n_fake']} fakes, AUC {figure(row['roc_auc'])}  "
-              f"AP {figure(row['average_precision'])}  recall {figure(row['recall'])}")
+    for name, row in sources.items():  # a source's fakes, its reals, or both
+        fakes = (f"{row['n_fake']} fakes, AUC {figure(row['roc_auc'])}  AP {figure(row['average_precision'])}  "
+                 f"recall {figure(row['recall'])}") if "n_fake" in row else ""
+        reals = (f"{row['n_real']} reals, false positive rate {figure(row['false_positive_rate'])}  "
+                 f"AUC of all fakes vs them {figure(row['real_roc_auc'])}") if "n_real" in row else ""
+        print(f"  {name:>14}: " + "; ".join(filter(None, (fakes, reals))))
     for name, row in robustness.items():
         by_source = ", ".join(f"{k} {figure(v)}" for k, v in row.get("sources", {}).items())
+        fpr = ", ".join(f"{k} {figure(v)}" for k, v in row.get("source_fpr", {}).items())
         print(f"  {name:>14}: AUC {figure(row['auc'])}  accuracy {figure(row['accuracy'])}"
-              + (f"  (AUC by source: {by_source})" if len(sources) > 1 else ""))
+              + (f"  (AUC by source: {by_source})" if len(row.get("sources", {})) > 1 else "")
+              + (f"  (false positive rate by source: {fpr})" if fpr else ""))
     print(f"metrics and plots in {out}")
     if version:
         print(f"registered {p.mlflow.model_name} version {version} as @{p.mlflow.alias}")
@@ -137,10 +161,18 @@ def cmd_promote(p: Params, args: argparse.Namespace) -> None:
 def cmd_predict(p: Params, args: argparse.Namespace) -> None:
     from deepfake_detector.scoring import predict_paths
 
-    summary = predict_paths(p, args.paths, args.model, args.out, args.threshold,
-                            False if args.no_face_crop else None, show_progress())
-    print(f"{summary['images']} images: {summary['fake']} fake, {summary['real']} real "
-          f"(threshold {summary['threshold']:.4f}), {summary['unreadable']} unreadable -> {args.out}")
+    s = predict_paths(p, args.paths, args.model, args.out, args.threshold, False if args.no_face_crop else None,
+                      show_progress())
+    print(f"{s['images']} images: {s['fake']} fake, {s['real']} real (threshold {s['threshold']:.4f}), "
+          f"{s['unreadable']} unreadable, {s['skipped']} skipped (not an image type read here) -> {args.out}")
+
+
+def cmd_package(p: Params, args: argparse.Namespace) -> None:
+    from deepfake_detector.stages.register import package
+
+    package(args.model, args.out)
+    print(f"saved {args.model} as an MLflow model in {args.out}; serve it with\n"
+          f"  mlflow models serve -m {args.out} --env-manager local -p 5001")
 
 
 def cmd_loso(p: Params, args: argparse.Namespace) -> None:
@@ -156,21 +188,34 @@ def cmd_loso(p: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_run(p: Params, args: argparse.Namespace) -> None:
-    """All four stages in order, with the default paths (what MLproject's ``main`` runs)."""
-    from deepfake_detector.stages import download, evaluate, preprocess
+    """All the stages in order, with the default paths (what MLproject's ``main`` runs)."""
+    from deepfake_detector.stages import download, evaluate, preprocess, twins
 
     root = Path(args.root)
     raw, processed, models, evaluation = root / "data/raw", root / "data/processed", root / "models", root / "eval"
     report_download(download.run(p, raw), raw)
-    report_preprocess(preprocess.run(p, raw, processed, args.workers, show_progress()), processed)
-    train(p, processed, models, None, args.params, args.overrides)
+    report_twins(twins.run(p, raw, root / "data/twins"), root / "data/twins")
+    report_preprocess(preprocess.run(p, raw, processed, args.workers, show_progress(), root / "data/twins"), processed)
+    train(p, processed, models, None, args.params or DEFAULT_PARAMS, args.overrides)
     report_evaluate(p, evaluate.run(p, processed, models, evaluation), evaluation)
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability (0 to 1)")
+    return value
+
+
+DEFAULT_PARAMS = Path("params.yaml")
 
 
 def common_options() -> argparse.ArgumentParser:
     """``--params`` and ``-S``, the parent parser of every subcommand here and in ``deepfake-pipeline``."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    common.add_argument("--params", type=Path, default=None,
+                        help=f"params file (default: {DEFAULT_PARAMS}; for scoring, the defaults where there is none)")
     common.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -S train.epochs=3 (repeatable)")
     return common
@@ -191,8 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = add("download", cmd_download, "fetch the raw dataset named by data.source")
     cmd.add_argument("--out", type=Path, default=Path("data/raw"), help="where the dataset goes (default: %(default)s)")
+    cmd = add("twins", cmd_twins, "make autoencoder twins of the real faces, a fake source for preprocess "
+              "(twins.enabled; else a marker alone)")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="the downloaded dataset (default: %(default)s)")
+    cmd.add_argument("--out", type=Path, default=Path("data/twins"),
+                     help="where the twins and twins.json go (default: %(default)s)")
     cmd = add("preprocess", cmd_preprocess, "validate, resize, blur and noise the raw images")
     cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="the downloaded dataset (default: %(default)s)")
+    cmd.add_argument("--twins", type=Path, default=Path("data/twins"),
+                     help="the twins stage's output, a fake source when it made twins (default: %(default)s)")
     cmd.add_argument("--out", type=Path, default=Path("data/processed"),
                      help="where the preprocessed splits go (default: %(default)s)")
     cmd.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
@@ -211,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "{train,valid,test}/{real,fake}/, or a list or mapping such as '{stylegan: DIR, sd: DIR}'")
     cmd.add_argument("--model", default="models", help="folder with model.pt, or an MLflow model URI "
                      "(models:/deepfake-detector@champion)")
-    cmd.add_argument("--out", type=Path, default=Path("eval"),
-                     help="where metrics, plots and the model card go (default: %(default)s)")
-    cmd.add_argument("--threshold", type=float, default=None,
+    cmd.add_argument("--out", type=Path, default=None,
+                     help="where metrics and plots go (default: eval for preprocessed data, with the model card "
+                     "and decision settings; else eval-data/<the set's name>, never eval)")
+    cmd.add_argument("--threshold", type=probability, default=None,
                      help="for a folder or CSV: P(fake) threshold (default: the model's registered one)")
     cmd.add_argument("--root", type=Path, default=None,
                      help="for a CSV: the folder its paths are relative to (default: found beside the CSV: "
@@ -224,8 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow model URI, or a folder with model.pt (default: %(default)s)")
     cmd.add_argument("--out", type=Path, default=Path("predictions/preds.csv"),
                      help="the CSV to write (default: %(default)s, a git-ignored folder)")
-    cmd.add_argument("--threshold", type=float, default=None, help="default: the model's registered threshold")
+    cmd.add_argument("--threshold", type=probability, default=None, help="default: the model's registered threshold")
     cmd.add_argument("--no-face-crop", action="store_true", help="score whole images, never crop the largest face")
+    cmd = add("package", cmd_package, "save a model folder (model.pt and its detector.json) as an MLflow model "
+              "that `mlflow models serve -m OUT` serves without a registry")
+    cmd.add_argument("--model", type=Path, default=Path("models"), help="folder with model.pt (default: %(default)s)")
+    cmd.add_argument("--out", type=Path, default=Path("build/mlflow-model"),
+                     help="the MLflow model folder to write; must not exist (default: %(default)s)")
     cmd = add("promote", cmd_promote, "move the champion alias to the challenger if it passes the gates")
     cmd.add_argument("--dry-run", action="store_true", help="report the decision, change nothing")
     cmd.add_argument("--force", action="store_true", help="promote even if a gate fails (recorded as forced)")
@@ -237,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where loso.json, loso.md and each fit's model go (default: %(default)s)")
     cmd.add_argument("--keep-data", action="store_true",
                      help="keep each fit's copy of the data without the left-out fakes (default: deleted once scored)")
-    cmd = add("run", cmd_run, "download, preprocess, train and evaluate in one process")
+    cmd = add("run", cmd_run, "download, twins, preprocess, train and evaluate in one process")
     cmd.add_argument("--root", type=Path, default=Path("."), help="where data/, models/ and eval/ go")
     cmd.add_argument("--workers", type=int, default=None, help="preprocess's decode processes (default: all cores)")
     return parser
@@ -248,7 +306,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     subcommand's ``func``; returns the exit status. A :class:`UserError` is one line, status 2."""
     args = parser.parse_args(argv)
     try:
-        params = with_overrides(load_params(args.params), args.overrides)
+        params = with_overrides(read_params(args), args.overrides)
         args.func(params, args)
     except UserError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
@@ -260,6 +318,17 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+# Commands that only score with a stored model: outside a pipeline workspace they need no params file.
+SCORING = frozenset({"predict", "evaluate", "package"})
+
+
+def read_params(args: argparse.Namespace) -> Params:
+    """``--params``, else ``params.yaml`` here, else (for a scoring command) the defaults."""
+    if args.params is None and not DEFAULT_PARAMS.exists() and args.command in SCORING:
+        return Params()
+    return load_params(args.params or DEFAULT_PARAMS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,13 +29,16 @@ _TRACKING = ("mlflow.enabled", "mlflow.tracking_uri", "mlflow.experiment")
 _REGISTRY = ("mlflow.model_name", "mlflow.alias", "mlflow.register_min_auc")
 
 DOWNLOAD = Stage("download", ("data", "download"), outputs=("data/raw",))
-PREPROCESS = Stage("preprocess", ("seed", "preprocess"), ("data/raw",), ("data/processed",))
+# Twins of every real face, split as preprocess splits them (its split_ratios); a marker alone when
+# twins.enabled is false, so the graph is the same either way.
+TWINS = Stage("twins", ("seed", "twins", "preprocess.split_ratios"), ("data/raw",), ("data/twins",))
+PREPROCESS = Stage("preprocess", ("seed", "preprocess"), ("data/raw", "data/twins"), ("data/processed",))
 TRAIN = Stage("train", ("seed", "model", "train", *_TRACKING), ("data/processed",),
               ("models/model.pt", "models/model.onnx", "models/run.json", "models/train.json", "models/history.csv"))
 EVALUATE = Stage(
     "evaluate", ("seed", "evaluate", *_TRACKING, *_REGISTRY),
     ("data/processed", "models/model.pt", "models/model.onnx", "models/run.json", "models/history.csv"),
-    ("eval/model_card.md", "eval/detector.json", "eval/metrics.json", "eval/plots/predictions.csv",
+    ("eval/model_card.md", "eval/detector.json", "models/detector.json", "eval/metrics.json", "eval/plots/predictions.csv",
      "eval/plots/roc.json", "eval/plots/pr.json", "eval/plots/calibration.json", "eval/plots/robustness.json",
      "eval/plots/per_source.json", "eval/plots/images"))
 # A Kubeflow step of its own; under DVC and MLproject the evaluate stage registers. It reads the
@@ -44,7 +47,7 @@ REGISTER = Stage("register", ("mlflow.enabled", "mlflow.tracking_uri", *_REGISTR
                  ("models/model.pt", "models/model.onnx", "models/run.json", "eval/metrics.json", "eval/detector.json",
                   "eval/model_card.md"))
 
-PIPELINE = (DOWNLOAD, PREPROCESS, TRAIN, EVALUATE)  # the stages of dvc.yaml and MLproject, in order
+PIPELINE = (DOWNLOAD, TWINS, PREPROCESS, TRAIN, EVALUATE)  # the stages of dvc.yaml and MLproject, in order
 STAGES = {stage.name: stage for stage in (*PIPELINE, REGISTER)}
 
 

@@ -29,17 +29,19 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from deepfake_detector.atomic import replacing_dir
-from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS
+from deepfake_detector.data import CLASSES, INFO_FILE, SPLITS, DataError
 from deepfake_detector.degrade import blur, noise
 from deepfake_detector.params import PreprocessParams, to_dict
 from deepfake_detector.sources import (
     DEFAULT_NAME,
     SOURCES_FILE,
+    TWINS_SOURCE,
     Entry,
     check_classes,
     count_classes,
     list_images,
     source_name,
+    twins_info,
 )
 
 NPY_HEADER_BYTES = 128  # room for any (N, S, S, 3) shape; the header is padded to this size
@@ -191,8 +193,10 @@ def _process(args: tuple[Job, PreprocessParams, int]) -> tuple[Job, np.ndarray |
 
 
 def run(raw_dir: Path, out_dir: Path, params: PreprocessParams, seed: int, workers: int | None = None,
-        progress: bool = True) -> dict:
-    """Preprocess every split of the source(s) downloaded into ``raw_dir`` into ``out_dir``; returns the report.
+        progress: bool = True, twins_dir: Path | None = None) -> dict:
+    """Preprocess every split of the source(s) downloaded into ``raw_dir`` into ``out_dir``, and the
+    twins stage's output ``twins_dir`` as the fake source ``twins`` when it made twins (a ``data.source``
+    entry of that name is then an error); returns the report.
 
     Every image keeps its source's name (``index.csv``'s ``source`` column). A split that lacks real
     or fake images across all sources is an error naming it. Everything is written into
@@ -200,6 +204,12 @@ def run(raw_dir: Path, out_dir: Path, params: PreprocessParams, seed: int, worke
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     roots = raw_sources(raw_dir)
+    twins = twins_info(twins_dir)
+    if twins:
+        if TWINS_SOURCE in roots:
+            raise DataError(f"data.source has a source named {TWINS_SOURCE!r}, the name of the twins stage's "
+                            "source: name it otherwise")
+        roots[TWINS_SOURCE] = Path(twins_dir)
     entries = {name: list_images(root, params.split_ratios) for name, root in roots.items()}
     jobs = {split: [] for split in SPLITS}
     for name, listed in entries.items():
@@ -226,7 +236,7 @@ def run(raw_dir: Path, out_dir: Path, params: PreprocessParams, seed: int, worke
                 report["splits"][split] = stats
                 report["quarantined"] += stats["quarantined"]
         meta = {"params": to_dict(params), "seed": seed, "classes": list(CLASSES),
-                "download": _download_info(raw_dir), **report}
+                "download": _download_info(raw_dir), **({"twins": twins} if twins else {}), **report}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -11,6 +11,7 @@ one image never straddle two splits, and new files never move old ones.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,8 @@ from deepfake_detector.data import pinned as data_pinned
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # names become MLflow metric keys and folder names
 DEFAULT_NAME = "default"  # a lone location whose name cannot be derived (".")
 SOURCES_FILE = "sources.json"  # in data/raw when there are several sources: what each one was
+# The twins stage's output is one more fake source under this name when its record says it is enabled.
+TWINS_SOURCE, TWINS_FILE = "twins", "twins.json"
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,15 @@ def list_images(root: Path, ratios: tuple[float, float, float]) -> list[Entry]:
 def _hash_split(path: Path, ratios: tuple[float, float, float]) -> str:
     with path.open("rb") as f:
         return split_for(hashlib.file_digest(f, "sha256").digest(), ratios)
+
+
+def twins_info(folder: Path | None) -> dict | None:
+    """The twins stage's record (``twins.json``) when ``folder`` holds twins it made, else None
+    (no folder, or the stage ran with ``twins.enabled: false``)."""
+    if folder is None or not (Path(folder) / TWINS_FILE).exists():
+        return None
+    info = json.loads((Path(folder) / TWINS_FILE).read_text())
+    return info if info["enabled"] else None
 
 
 def count_classes(entries: Iterable[Entry]) -> dict[str, dict[str, int]]:

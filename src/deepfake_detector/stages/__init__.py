@@ -1,4 +1,4 @@
-"""The pipeline's stages, one module each (download, preprocess, train, evaluate, register).
+"""The pipeline's stages, one module each (download, twins, preprocess, train, evaluate, register).
 
 Each module's ``run`` takes the params and explicit paths, does its stage with its MLflow
 tracking glue and returns what it produced; ``deepfake <stage>`` (and so ``dvc.yaml`` and

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from deepfake_detector import distributed
 from deepfake_detector import train as training
-from deepfake_detector.backends import ONNX_FILE
+from deepfake_detector.backends import DECISION_FILE, ONNX_FILE
 from deepfake_detector.checkpoint import CheckpointStore, data_fingerprint, run_key
 from deepfake_detector.device import resolve_device
 from deepfake_detector.errors import UserError
@@ -54,6 +54,8 @@ def _train(p: Params, processed: Path, out: Path, checkpoint_dir: Path, world: d
                   resume=resume, world=world, **training.prepared_as(meta))
     if not world.main:
         return {**fit(), "run_id": None}
+    # The evaluate stage's decision kept beside the model belongs to the model it evaluated, not this one.
+    (out / DECISION_FILE).unlink(missing_ok=True)
     if resume is None:
         store.clear()  # checkpoints of other params or data: never resumed, so not kept
     run_id = resume.get("run_id") if resume else None
@@ -98,6 +100,7 @@ def _start_train_run(p: Params, meta: dict, device) -> Tracker:
     # Data params come from what actually built the data (meta.json), not today's params.yaml.
     logged = {**flatten({"seed": p.seed, "model": p.model, "train": p.train}),
               **flatten({"preprocess": meta["params"]}),
+              **flatten({"twins": (meta.get("twins") or {}).get("params", {})}),  # when the data has twins
               "data.source": (meta.get("download") or {}).get("source", "unknown")}
     exp_name = os.environ.get("DVC_EXP_NAME")
     tags = {**run_tags(), "device": str(device), **({"dvc.exp_name": exp_name} if exp_name else {})}
