@@ -144,3 +144,21 @@ def test_serving_load_answers_every_concurrent_request(tmp_path, synthetic_model
     Decision(min_source_size=16).write(tmp_path / "model" / "detector.json")
     out = run("benchmarks/serving_load.py", str(tmp_path / "model"), "--clients", "3", "--requests", "2").stdout
     assert "3 clients x 2 requests" in out and "0 errors" in out and "the face scored" in out
+
+
+def test_real_sources_scores_each_real_source_at_the_models_own_threshold(tmp_path, synthetic_model,
+                                                                          synthetic_processed):
+    from conftest import benchmark_module
+
+    utk_group = benchmark_module("real_sources").utk_group
+    assert utk_group("26_1_2_20170116174525125.jpg.chip.jpg") == {"age": "13-29", "gender": "female",
+                                                                  "ethnicity": "Asian"}
+    assert utk_group("face.jpg") is None  # not a UTKFace name: no group
+    run("benchmarks/real_sources.py", "--model", f"tiny={synthetic_model}:{synthetic_processed}",
+        "--data", str(synthetic_processed), "--out", str(tmp_path))
+    (row,) = json.loads((tmp_path / "real_sources.json").read_text())
+    reals = [m for m in row["per_source"].values() if "n_real" in m]
+    assert reals and all(0 <= m["false_positive_rate"] <= 1 for m in reals)
+    assert set(row["processed"]) == {s for s, m in row["per_source"].items() if "n_real" in m}
+    assert all(0 <= v <= 1 for rates in row["processed"].values() for v in rates.values())
+    assert (tmp_path / "real_sources.md").read_text().startswith("| model | threshold | test AUC |")
