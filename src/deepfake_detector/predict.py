@@ -45,7 +45,7 @@ class Prepared:
     array: np.ndarray  # uint8 (S, S, 3), the model input
     face_box: tuple[int, int, int, int] | None  # (left, top, right, bottom) of the crop, if cropped
     shown: Image.Image  # what the model sees, at source resolution (the crop, or the whole image)
-    face: str = FACE_CROP_SIZED  # what the face search found (FACE_*)
+    face: str  # what the face search found (FACE_*)
 
 
 def prepare(data: bytes, size: int, crop_faces: bool = True, max_bytes: int = MAX_BYTES,

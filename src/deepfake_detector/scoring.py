@@ -107,8 +107,7 @@ def labelled_sources(data_path: str | Path, root: Path | None = None) -> tuple[l
     path = Path(data_path)
     if path.is_file() or _labelled_folder(path):
         paths, labels = data.labelled_files(path, root)
-        name = sources.source_name(str(path.with_suffix("") if path.is_file() else path), strict=False)
-        return paths, labels, np.full(len(paths), name)
+        return paths, labels, np.full(len(paths), set_name(path))
     if root is not None:
         raise data.DataError(f"--root is for a CSV, and {data_path} is not one")
     entries = [(name, entry) for name, location in sources.parse_sources(str(data_path)).items()
@@ -137,10 +136,12 @@ def default_out(data_path: str | Path) -> Path:
     """Where ``evaluate --data`` writes without ``--out``: ``eval-data/<the set's name>``, apart from
     the pipeline's ``eval/``."""
     text = str(data_path).strip()
-    name = "sources" if text.startswith(("[", "{")) else sources.source_name(str(Path(text).with_suffix("")
-                                                                                if Path(text).is_file() else text),
-                                                                           strict=False)
-    return Path("eval-data") / name
+    return Path("eval-data") / ("sources" if text.startswith(("[", "{")) else set_name(Path(text)))
+
+
+def set_name(path: Path) -> str:
+    """The name of a labelled folder or CSV, as a source: its folder's name, or the CSV's without ``.csv``."""
+    return sources.source_name(str(path.with_suffix("") if path.is_file() else path), strict=False)
 
 
 def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, threshold: float | None = None,
