@@ -1,4 +1,5 @@
-"""Upload faces, see real or fake with P(fake), a Grad-CAM heatmap, and which model answered.
+"""Upload faces, see real or fake with P(fake), a Grad-CAM heatmap, a warning where the face is unlike
+those the model was trained on, and which model answered.
 
     make app        # or: .venv/bin/streamlit run app/streamlit_app.py
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import streamlit as st
 
 from deepfake_detector.data import CLASSES, DataError, find_data_root, iter_files
+from deepfake_detector.detector import familiar
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, load_params
 from deepfake_detector.predict import FACE_CROPPED, FACE_NOT_FOUND, overlay
@@ -65,9 +67,11 @@ def show(name: str, data: bytes, detector) -> None:
     except ValueError as exc:
         st.error(f"{name}: {exc}")
         return
-    p_fake = float(detector.predict(prepared.array[None])[0])
+    p_fake, unfamiliarity = (float(v[0]) for v in detector.assess(prepared.array[None]))
     st.markdown(f"**{detector.label(p_fake).upper()}**: P(fake) {p_fake:.3f} (threshold {detector.threshold:.3f})")
     st.progress(p_fake, text=f"P(fake) = {p_fake:.1%}")
+    if familiar(unfamiliarity) is False:  # None: a model without a familiarity head gives no verdict
+        st.warning("Unlike the faces this model was trained on: its answer is unreliable.")
     left, right = st.columns(2)
     left.image(prepared.shown, caption="face crop the model scored" if prepared.face_box else "image the model scored",
                width="stretch")

@@ -112,13 +112,14 @@ def main() -> None:
         print(f"  (onnxruntime runs on {options['onnxruntime'].session.get_providers()[0]})")
     singles = [a[None] for a in arrays]
     eager_single = None
-    reference = options["eager (before)"](arrays)
+    reference = options["eager (before)"](arrays)[0]
     figures["agreement"] = {}
     for name, backend in options.items():
         seconds = timed(backend, singles, repeat=3)
         eager_single = eager_single or np.percentile(seconds, 50) * 1e3
         report("model", f"model: {name}", seconds, eager_single)
-        p = np.concatenate([backend(arrays[i:i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)])
+        p = np.concatenate([backend(arrays[i:i + args.batch_size])[0]
+                            for i in range(0, len(arrays), args.batch_size)])
         threshold = torch_detector.threshold
         figures["agreement"][name] = {"max_abs_diff": float(np.abs(p - reference).max()),
                                       "labels_changed": int(((p >= threshold) != (reference >= threshold)).sum())}
@@ -198,9 +199,9 @@ class _Bf16:
         self.backend = backend
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray) -> backends.Outputs:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.backend.scorer(torch.from_numpy(images)).float().numpy()
+            return torch_backend.outputs(self.backend.scorer(torch.from_numpy(images)))
 
 
 if __name__ == "__main__":

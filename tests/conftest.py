@@ -126,6 +126,26 @@ def synthetic_model(tmp_path_factory, synthetic_processed) -> Path:
     return out
 
 
+def model_copy(model: Path, to: Path, flagging_distance: float | None) -> Path:
+    """A copy of the model folder ``model`` at ``to`` whose familiarity head flags an image at
+    ``flagging_distance`` (tiny: every image is flagged; inf: none is), or, with None, a model without
+    the head (``model.familiarity: none``, as every model trained before it)."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(model, to)
+    checkpoint = torch.load(to / "model.pt", weights_only=True)
+    if flagging_distance is None:
+        checkpoint["config"]["familiarity"] = "none"
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("heads.familiarity.")}
+    else:
+        checkpoint["state_dict"]["heads.familiarity.scale"] = torch.tensor(flagging_distance)
+    torch.save(checkpoint, to / "model.pt")
+    return to
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (right now)."""
     with socket.socket() as s:

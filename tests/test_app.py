@@ -1,4 +1,4 @@
-"""The Streamlit app through Streamlit's AppTest: real faces, bad files, a missing model."""
+"""The Streamlit app through Streamlit's AppTest: real faces, bad files, a missing model, unfamiliar faces."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ import io
 
 import pytest
 
-from conftest import FACES_MINI, ROOT, png_bytes, synthetic_face
+from conftest import FACES_MINI, ROOT, model_copy, png_bytes, synthetic_face
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 APP = str(ROOT / "app" / "streamlit_app.py")
 
 
-@pytest.fixture
-def app(monkeypatch, tmp_path, synthetic_model):
-    """The app with an empty registry, so it falls back to the local model."""
+def started(monkeypatch, tmp_path, model):
+    """The app with an empty registry, so it falls back to the local ``model`` folder."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("DEEPFAKE_MODEL_PATH", str(synthetic_model))
+    monkeypatch.setenv("DEEPFAKE_MODEL_PATH", str(model))
     monkeypatch.setenv("DEEPFAKE_SAMPLES", str(tmp_path / "no-samples"))
     at = streamlit_testing.AppTest.from_file(APP, default_timeout=120)
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path, synthetic_model):
+    return started(monkeypatch, tmp_path, synthetic_model)
 
 
 def page_text(at) -> str:
@@ -71,11 +75,7 @@ def test_hostile_uploads_are_refused_or_scored_like_everywhere_else(monkeypatch,
     model = tmp_path / "model"
     shutil.copytree(synthetic_model, model)
     Decision(min_source_size=16).write(model / "detector.json")  # as evaluate records preprocess's rule
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("DEEPFAKE_MODEL_PATH", str(model))
-    monkeypatch.setenv("DEEPFAKE_SAMPLES", str(tmp_path / "no-samples"))
-    app = streamlit_testing.AppTest.from_file(APP, default_timeout=120)
-    app.run()
+    app = started(monkeypatch, tmp_path, model)
 
     eps = io.BytesIO()
     synthetic_face(1, 0, 64).save(eps, format="EPS")
@@ -91,3 +91,18 @@ def test_hostile_uploads_are_refused_or_scored_like_everywhere_else(monkeypatch,
     grey8 = np.rint(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
     expected = float(detector.predict(detector.prepare(png_bytes(Image.fromarray(grey8))).array[None])[0])
     assert f"P(fake) {expected:.3f}" in page_text(app)
+
+
+UNFAMILIAR = "Unlike the faces this model was trained on: its answer is unreliable."
+
+
+@pytest.mark.parametrize("distance,warned", [(1e-30, True), (float("inf"), False), (None, False)],
+                         ids=["flags-everything", "flags-nothing", "no-head"])
+def test_a_face_the_familiarity_head_flags_gets_a_warning(monkeypatch, tmp_path, synthetic_model, distance, warned):
+    """A head whose flagging distance every face reaches warns beside P(fake) and Grad-CAM; one that
+    flags nothing, and a model without the head (no verdict), add nothing."""
+    app = started(monkeypatch, tmp_path, model_copy(synthetic_model, tmp_path / "model", distance))
+    app.file_uploader[0].upload("face.png", png_bytes(synthetic_face(1, 3, 32)), "image/png").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert "P(fake)" in page_text(app) and len(app.get("image")) == 2  # still answered, with its heatmap
+    assert [w.value for w in app.warning] == ([UNFAMILIAR] if warned else [])

@@ -15,11 +15,18 @@ from conftest import synthetic_face
 from deepfake_detector.backends import ONNX_FILE, OnnxBackend
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.model import build_model, load_checkpoint
+from deepfake_detector.heads import load_checkpoint
+from deepfake_detector.model import build_model
 from deepfake_detector.params import ARCHS, ModelParams, Params, with_overrides
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.scoring import predict_paths
-from deepfake_detector.torch_backend import TOLERANCE, TorchBackend, export_onnx, fold_batch_norm
+from deepfake_detector.torch_backend import (
+    TOLERANCE,
+    UNFAMILIARITY_TOLERANCE,
+    TorchBackend,
+    export_onnx,
+    fold_batch_norm,
+)
 
 FOLD_CASES = [a if a in ("cnn", "resnet18") else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
 
@@ -48,7 +55,10 @@ def test_onnx_export_round_trips_any_batch_size_within_tolerance(tmp_path, synth
     assert report["checked"] == len(images) and report["max_abs_diff"] <= TOLERANCE
     onnx, eager = OnnxBackend(tmp_path / ONNX_FILE), TorchBackend(model, 32, torch.device("cpu"))
     for n in (1, 5):
-        assert np.abs(onnx(images[:n]) - eager(images[:n])).max() <= TOLERANCE
+        (p_onnx, u_onnx), (p_eager, u_eager) = onnx(images[:n]), eager(images[:n])
+        assert p_onnx.shape == u_onnx.shape == (n,)  # the model's familiarity head: a second output
+        assert np.abs(p_onnx - p_eager).max() <= TOLERANCE
+        assert np.abs(u_onnx - u_eager).max() <= UNFAMILIARITY_TOLERANCE
     assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary file left
 
 

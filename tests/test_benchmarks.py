@@ -120,7 +120,7 @@ def test_levers_scores_each_recipe_on_valid_and_on_each_source_left_out(tmp_path
 @pytest.mark.skipif(not (FACES_MINI / "real-vs-fake").is_dir(), reason="faces-mini not available")
 def test_predict_latency_times_each_step_and_option_and_checks_the_answers(tmp_path, synthetic_model):
     from deepfake_detector.backends import ONNX_FILE
-    from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.heads import load_checkpoint
     from deepfake_detector.torch_backend import export_onnx
 
     shutil.copytree(synthetic_model, tmp_path / "model")

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, make_dataset
-from deepfake_detector import preprocess
+from deepfake_detector import heads, preprocess
 from deepfake_detector.detector import Decision, Detector
-from deepfake_detector.model import build_model, save_checkpoint
+from deepfake_detector.model import save_checkpoint
 from deepfake_detector.params import ModelParams, PreprocessParams
 from deepfake_detector.preprocess import IMAGE_FORMATS, IMAGE_SUFFIXES, decode_image
 
@@ -67,7 +67,7 @@ def untrained_model(tmp_path_factory) -> Path:
     import torch
 
     torch.manual_seed(0)
-    model = build_model(ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16), 32)
+    model = heads.build(ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16), 32)
     folder = tmp_path_factory.mktemp("untrained-model")
     save_checkpoint(model, folder / "model.pt")
     Decision().write(folder / "detector.json")

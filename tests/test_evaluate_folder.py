@@ -1,9 +1,11 @@
-"""`deepfake evaluate --data DIR --model ...` scores any labelled folder or CSV with a stored model."""
+"""`deepfake evaluate --data DIR --model ...` scores any labelled folder or CSV with a stored model; what
+evaluation (that and the pipeline's stage) reports of the familiarity head's flags."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -12,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_dataset, synthetic_face
+from conftest import ROOT, make_dataset, model_copy, synthetic_face
 from deepfake_detector.detector import Detector
-from deepfake_detector.metrics import per_source
+from deepfake_detector.metrics import familiarity_report, per_source
 
 
 @pytest.fixture
@@ -97,12 +99,11 @@ def test_sources_are_scored_whole_and_reported_per_source(tmp_path, model_dir):
 
     with (out / "plots" / "predictions.csv").open() as f:
         files = [Path(r["path"]) for r in csv.DictReader(f)]
-    detector = Detector.load(str(model_dir))
-    p_fake, _, kept = detector.score_files(files)
-    assert len(kept) == len(files) == 22
+    scored = Detector.load(str(model_dir)).score(files)
+    assert not any(scored.errors) and len(files) == 22
     labels = np.array([int(f.parent.name == "fake") for f in files])
     names = ["sd" if f.is_relative_to(sd) else "stylegan" for f in files]
-    for name, expected in per_source(labels, p_fake, names, 0.5).items():
+    for name, expected in per_source(labels, scored.p_fake, names, 0.5, scored.unfamiliarity).items():
         assert metrics["per_source"][name] == pytest.approx(expected, abs=1e-6), name
     rows = json.loads((out / "plots" / "per_source.json").read_text())["per_source"]
     assert [(r["source"], r["n_fake"]) for r in rows] == [("sd", 4), ("stylegan", 9)]
@@ -215,9 +216,9 @@ class CountingDetector(Detector):
         self.peak = max(self.peak, self.held)
         return prepared
 
-    def predict(self, images, transform=None):
+    def assess(self, images, transform=None):
         self.held -= len(images)
-        return super().predict(images, transform)
+        return super().assess(images, transform)
 
 
 def test_scoring_holds_one_batch_of_decoded_images_at_a_time(tmp_path, model_dir):
@@ -272,3 +273,99 @@ def test_processed_split_without_a_source_column_is_one_source(tmp_path):
     assert read_index(tmp_path, "test")[1] == ["faces-mini", "faces-mini"]
     (tmp_path / "test" / "index.csv").write_text("path,label,source,blur_sigma,noise_sigma\na.jpg,0,ffhq,0,0\n")
     assert read_index(tmp_path, "test") == (["a.jpg"], ["ffhq"])
+
+
+# --- the familiarity head's flags ----------------------------------------------------------------------
+
+def test_coverage_figures_are_those_of_the_scores(tmp_path, model_dir):
+    """metrics.json's ``familiarity`` and per-source flags are metrics' figures of the Detector's own
+    scores, and predictions.csv carries each image's verdict."""
+    data = labelled_folder(tmp_path / "other-faces")
+    result = evaluate(data, model_dir, tmp_path / "out", "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    files = sorted(p for p in data.rglob("*.png"))
+    scored = Detector.load(str(model_dir)).score(files)
+    labels = np.array([int(f.parent.name == "fake") for f in files])
+    expected = familiarity_report(labels, scored.p_fake, scored.unfamiliarity, 0.5)
+    undefined_as_nan = {k: math.nan if v is None else v for k, v in metrics["familiarity"].items()}
+    assert undefined_as_nan == pytest.approx(expected, abs=1e-6, nan_ok=True)  # errors_flagged: none without errors
+    assert metrics["familiarity"]["flagged"] + metrics["familiarity"]["coverage"] == pytest.approx(1)
+    row = metrics["per_source"]["other-faces"]
+    fakes = labels == 1
+    assert row["flagged"] == pytest.approx(np.mean(scored.unfamiliarity[fakes] >= 1))
+    assert row["caught_or_flagged"] == pytest.approx(np.mean((scored.p_fake[fakes] >= 0.5)
+                                                             | (scored.unfamiliarity[fakes] >= 1)))
+    assert row["real_flagged"] == pytest.approx(np.mean(scored.unfamiliarity[~fakes] >= 1))
+    with (tmp_path / "out" / "plots" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["familiar"] == "false" for r in rows) == metrics["familiarity"]["n_flagged"]
+    assert all(r["familiar"] == ("true" if float(r["unfamiliarity"]) < 1 else "false") for r in rows)
+
+
+@pytest.mark.parametrize("distance", [1e-30, None], ids=["flags-everything", "no-head"])
+def test_a_head_that_flags_everything_and_a_model_without_one(tmp_path, model_dir, distance):
+    """Every image flagged: nothing is answered, so the accepted figures are undefined (null) and
+    every wrong answer is flagged. No head: no familiarity figures at all, and no verdicts."""
+    data = labelled_folder(tmp_path / "other-faces")
+    model = model_copy(model_dir, tmp_path / "model", distance)
+    result = evaluate(data, model, tmp_path / "out", "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    row = metrics["per_source"]["other-faces"]
+    with (tmp_path / "out" / "plots" / "predictions.csv").open() as f:
+        verdicts = {(r["unfamiliarity"] != "", r["familiar"]) for r in csv.DictReader(f)}
+    if distance is None:
+        assert "familiarity" not in metrics and "familiarity.flagged" not in result.stdout
+        assert not {"flagged", "caught_or_flagged", "real_flagged"} & set(row)
+        assert verdicts == {(False, "")}
+        return
+    wrong = metrics["fp"] + metrics["fn"]
+    assert metrics["familiarity"] == {"n_flagged": 12, "flagged": 1.0, "coverage": 0.0, "accepted_roc_auc": None,
+                                      "accepted_accuracy": None, "confident_errors": 0.0,
+                                      "errors_flagged": 1.0 if wrong else None}
+    assert (row["flagged"], row["caught_or_flagged"], row["real_flagged"]) == (1.0, 1.0, 1.0)
+    assert verdicts == {(True, "false")}
+    assert "familiarity.coverage 0.0000" in result.stdout
+
+
+def test_evaluate_stage_reports_and_logs_the_familiarity_figures(tmp_path, synthetic_processed, model_dir,
+                                                                 monkeypatch):
+    """The pipeline's evaluate stage: metrics.json, the model card and the training run's MLflow metrics
+    carry the coverage figures, the per-source flags and each robustness row's share flagged."""
+    import mlflow
+
+    from deepfake_detector.params import Params, with_overrides
+    from deepfake_detector.stages import evaluate as stage
+    from deepfake_detector.tracking import RUN_FILE, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) land here
+    p = with_overrides(Params(), [f"mlflow.tracking_uri={uri}", "evaluate.robustness.jpeg_quality=[90]",
+                                  "evaluate.robustness.blur_sigma=[]", "evaluate.robustness.noise_sigma=[]",
+                                  "evaluate.robustness.downscale=[]", "evaluate.mistakes=2"])
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    Tracker.start(p.mlflow, "train", {}, {}).save(models / RUN_FILE)  # as the train stage records its run
+    metrics = stage.run(p, synthetic_processed, models, tmp_path / "eval", register_model=False)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(written["familiarity"]) == {"n_flagged", "flagged", "coverage", "accepted_roc_auc",
+                                           "accepted_accuracy", "confident_errors", "errors_flagged"}
+    assert written["familiarity"]["coverage"] == pytest.approx(1 - written["familiarity"]["flagged"])
+    source = next(iter(written["per_source"]))
+    assert {"flagged", "caught_or_flagged", "real_flagged"} <= set(written["per_source"][source])
+    assert 0 <= written["robustness"]["jpeg_q90"]["flagged"] <= 1
+    card = (tmp_path / "eval" / "model_card.md").read_text()
+    assert "## Unfamiliar faces (test split)" in card
+    assert f"| flagged unfamiliar (share of images) | {written['familiarity']['flagged']:.4f} |" in card
+    assert "| recall | flagged unfamiliar | caught or flagged unfamiliar |" in card
+
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(json.loads((models / RUN_FILE).read_text())["run_id"])
+    logged = run.data.metrics
+    for key in ("flagged", "coverage", "confident_errors", "n_flagged"):
+        assert logged[f"test_familiarity.{key}"] == pytest.approx(metrics["familiarity"][key])
+    assert logged[f"test_per_source.{source}.caught_or_flagged"] == \
+        pytest.approx(metrics["per_source"][source]["caught_or_flagged"])
+    assert f"test_per_source.{source}.flagged" in logged and "test_robustness.jpeg_q90.flagged" in logged

@@ -54,3 +54,42 @@ def test_core_imports_neither_kubeflow_nor_the_app():
 def test_mlflow_is_imported_only_by_the_allowed_modules():
     importing = sorted(module for module, found in core_imports().items() if "mlflow" in found)
     assert importing == sorted(MLFLOW_MODULES), "MLflow belongs in tracking.py (or a serving module in MLFLOW_MODULES)"
+
+
+def core_modules(source: str) -> set[str]:
+    """The core modules (``X`` of ``deepfake_detector.X``) that ``source``, a top-level core module,
+    imports at any depth, however spelled: ``import deepfake_detector.X``, ``from deepfake_detector.X
+    import ...``, ``from deepfake_detector import X`` or relatively."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module if not node.level else ".".join(filter(None, ("deepfake_detector", node.module)))
+            names = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found.update(name.split(".")[1] for name in names if name.startswith("deepfake_detector."))
+    return found
+
+
+def test_core_modules_are_found_however_the_import_is_spelled():
+    source = ("import deepfake_detector.errors\n"
+              "from deepfake_detector.model import to_input\n"
+              "def f():\n"
+              "    from deepfake_detector import heads, spectrum as s\n"
+              "from . import familiarity\n"
+              "from .params import ModelParams\n"
+              "import torch.nn\n")
+    assert core_modules(source) == {"errors", "model", "heads", "spectrum", "familiarity", "params"}
+
+
+def test_the_network_and_its_heads_know_nothing_of_each_other():
+    """model.py runs whatever sits in its heads; spectrum.py and familiarity.py are fit on what the
+    network gives. heads.py alone joins them."""
+    imports = {name: core_modules((CORE / f"{name}.py").read_text())
+               for name in ("model", "spectrum", "familiarity", "heads")}
+    assert {"model", "spectrum", "familiarity"} <= imports["heads"]  # the walk finds both spellings there
+    assert imports["model"] & {"spectrum", "familiarity", "heads"} == set()
+    assert imports["spectrum"] & {"model", "heads"} == set()
+    assert imports["familiarity"] & {"model", "heads"} == set()

@@ -90,7 +90,10 @@ def test_run_gives_the_matrix_and_logs_one_mlflow_run(two_sources, tmp_path, mon
         assert set(row) == {"a", "b"}
         for cell in row.values():
             assert 0 <= cell["roc_auc"] <= 1 and 0 <= cell["recall"] <= 1 and cell["n_fake"] == PER_CLASS
+            # The familiarity head (TINY_RUN keeps the default): a fake caught or flagged is one of either.
+            assert max(cell["recall"], cell["flagged"]) <= cell["caught_or_flagged"] <= cell["recall"] + cell["flagged"]
         assert result["held_out"][left] == row[left]["roc_auc"]
+        assert result["held_out_caught_or_flagged"][left] == row[left]["caught_or_flagged"]
         assert result["fits"][left]["counts"]["splits"]["train"]["fake"] == PER_CLASS
         assert (out / "fits" / left / "model" / "model.pt").is_file()
         assert not (out / "fits" / left / "data").exists()  # the subset is deleted once scored
@@ -99,6 +102,10 @@ def test_run_gives_the_matrix_and_logs_one_mlflow_run(two_sources, tmp_path, mon
     assert "| trained without | a | b |" in md
     row = result["matrix"]["a"]
     assert f"| a | **{row['a']['roc_auc']:.3f}** | {row['b']['roc_auc']:.3f} |" in md
+    assert f"| a | **{row['a']['caught_or_flagged']:.3f}** | {row['b']['caught_or_flagged']:.3f} |" in md
+    held = result["held_out_caught_or_flagged"]
+    assert f"Held-out fakes caught or flagged: a {held['a']:.3f}, b {held['b']:.3f}." in md
+    assert json.loads((out / "loso.json").read_text())["held_out_caught_or_flagged"] == pytest.approx(held)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("loso-test")
@@ -111,7 +118,7 @@ def test_run_gives_the_matrix_and_logs_one_mlflow_run(two_sources, tmp_path, mon
     assert "a:" in run.data.params["data.source"] and "b:" in run.data.params["data.source"]
     for left in "ab":
         for test in "ab":
-            for key in ("roc_auc", "recall"):
+            for key in ("roc_auc", "recall", "flagged", "caught_or_flagged"):
                 value = run.data.metrics[f"loso.{left}.{test}.{key}"]
                 assert math.isclose(value, result["matrix"][left][test][key])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "loso")}
@@ -155,7 +162,7 @@ def test_training_logs_each_sources_valid_auc_per_epoch(two_sources, tmp_path):
 def test_spectrum_only_sources_fit_the_branch_but_never_the_cnn(two_sources, tmp_path):
     import torch
 
-    from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.heads import load_checkpoint
     from deepfake_detector.train import fit
 
     p, processed = two_sources
@@ -168,9 +175,11 @@ def test_spectrum_only_sources_fit_the_branch_but_never_the_cnn(two_sources, tmp
     fit(without_b, tmp_path / "cnn", p.model, p.train, cpu, p.seed, progress=False)
     fused, _ = load_checkpoint(tmp_path / "both" / "model.pt")
     cnn, _ = load_checkpoint(tmp_path / "cnn" / "model.pt")
+    # Only the CNN: the heads fit after training (the familiarity head too) see every source.
     for key, value in cnn.state_dict().items():
-        assert torch.equal(fused.state_dict()[key], value), key
-    assert torch.isfinite(fused.spectrum.shift) and set(summary["spectrum"]) == {"train_auc", "valid_auc"}
+        if not key.startswith("heads."):
+            assert torch.equal(fused.state_dict()[key], value), key
+    assert torch.isfinite(fused.heads["spectrum"].shift) and set(summary["spectrum"]) == {"train_auc", "valid_auc"}
     history = list(csv.DictReader((tmp_path / "both" / "history.csv").open()))
     assert not any(k.startswith("valid_auc.") for k in history[0])  # the CNN validated on source a alone
 
@@ -182,3 +191,24 @@ def test_spectrum_only_sources_fit_the_branch_but_never_the_cnn(two_sources, tmp
     fails(True, ("c",), r"model.spectrum_only: no source named c in the data \(its sources: a, b\)")
     fails(False, ("b",), "set model.spectrum true")
     fails(True, ("a", "b"), "leaves the CNN no fake train images")
+
+
+def test_loso_md_has_a_caught_or_flagged_table_with_a_familiarity_head_only():
+    def cell(caught_or_flagged: float | None = None) -> dict:
+        figures = {"roc_auc": 0.9, "recall": 0.5, "n_fake": PER_CLASS}
+        return figures if caught_or_flagged is None else {**figures, "flagged": 0.25,
+                                                          "caught_or_flagged": caught_or_flagged}
+
+    def result(a: float | None, b: float | None) -> dict:
+        made = {"test_sources": ["a", "b"],
+                "matrix": {"a": {"a": cell(a), "b": cell(b)}, "b": {"a": cell(b), "b": cell(a)}},
+                "held_out_roc_auc_mean": 0.9, "held_out_roc_auc_min": 0.9,
+                "fits": {"a": {"threshold": 0.5}, "b": {"threshold": 0.5}}}
+        return made if a is None else {**made, "held_out_caught_or_flagged": {"a": a, "b": a}}
+
+    without = loso.markdown(result(None, None))  # a model without the head: loso.json as before
+    assert "caught or flagged" not in without.lower() and "| a | **0.900** | 0.900 |" in without
+    md = loso.markdown(result(0.625, 1.0))
+    assert "## Caught or flagged unfamiliar" in md
+    assert "| a | **0.625** | 1.000 |" in md and "| b | 1.000 | **0.625** |" in md
+    assert "Held-out fakes caught or flagged: a 0.625, b 0.625." in md

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from deepfake_detector.evaluate import robustness_row
+from deepfake_detector.evaluate import report, robustness_row
 from deepfake_detector.metrics import (
     calibration,
     choose_threshold,
     compute_metrics,
+    familiarity_report,
+    flagged,
     full_report,
     per_fake_source,
     per_real_source,
@@ -181,3 +183,52 @@ def test_a_robustness_row_has_the_fake_sources_auc_and_the_real_sources_false_po
     assert row == {"auc": compute_metrics(LABELS, SCORES)["roc_auc"], "accuracy": 8 / 12,
                    "sources": {"mix": 7 / 8, "stylegan": 0.75},
                    "source_fpr": {"ffhq": 0.25, "mix": 0.0, "utk": pytest.approx(2 / 3)}}
+
+
+# The familiarity head's verdicts on the set above: 1 or more is flagged (1.0 itself too). Flagged: ffhq's
+# 2nd real (right), utk's 1st and 2nd (called fake: wrong), stylegan's 3rd fake (missed: wrong), mix's fake.
+UNFAMILIARITY = np.array([0.2, 1.5, 0.3, 0.9, 1.0, 2.0, 0.5, 0.1, 0.4, 3.0, 0.6, 1.2])
+
+
+def test_familiarity_report_by_hand():
+    """At 0.5 four answers are wrong: ffhq's 0.7, utk's 0.6 and 0.8 (reals called fake) and stylegan's
+    0.35 (a fake missed); five images are flagged, three of them wrong."""
+    m = familiarity_report(LABELS, SCORES, UNFAMILIARITY, threshold=0.5)
+    assert m == {"n_flagged": 5, "flagged": 5 / 12, "coverage": 7 / 12,
+                 # Not flagged: reals 0.1, 0.3, 0.7, 0.4, 0.05 and fakes 0.9, 0.65; 0.65 is under 0.7 only.
+                 "accepted_roc_auc": pytest.approx(9 / 10), "accepted_accuracy": pytest.approx(6 / 7),
+                 "confident_errors": 1 / 12,  # ffhq's 0.7: wrong, and nothing warns of it
+                 "errors_flagged": 3 / 4}
+    everything = familiarity_report(LABELS, SCORES, np.full(12, 5.0), threshold=0.5)
+    assert (everything["flagged"], everything["coverage"], everything["confident_errors"]) == (1.0, 0.0, 0.0)
+    assert np.isnan(everything["accepted_roc_auc"]) and np.isnan(everything["accepted_accuracy"])  # none answered
+    assert np.isnan(familiarity_report([0, 1], [0.1, 0.9], [0.0, 0.0], 0.5)["errors_flagged"])  # nothing wrong
+
+
+def test_per_source_flags_by_hand():
+    m = per_source(LABELS, SCORES, SOURCES, 0.5, UNFAMILIARITY)
+    # stylegan: 0.9 and 0.65 caught, 0.35 missed but flagged.
+    assert (m["stylegan"]["flagged"], m["stylegan"]["caught_or_flagged"]) == (pytest.approx(1 / 3), 1.0)
+    assert (m["mix"]["flagged"], m["mix"]["caught_or_flagged"], m["mix"]["real_flagged"]) == (1.0, 1.0, 0.0)
+    assert (m["ffhq"]["real_flagged"], m["utk"]["real_flagged"]) == (0.25, pytest.approx(2 / 3))
+    assert "flagged" not in m["ffhq"] and "caught_or_flagged" not in m["utk"]  # sources of reals only
+    # Caught or flagged counts each fake once: at 0.95 nothing is caught, and only the flags remain.
+    assert per_fake_source(LABELS, SCORES, SOURCES, 0.95, UNFAMILIARITY)["stylegan"]["caught_or_flagged"] == \
+        pytest.approx(1 / 3)
+    row = robustness_row(LABELS, SCORES, SOURCES, 0.5, UNFAMILIARITY)
+    assert row["flagged"] == 5 / 12
+
+
+def test_a_model_without_a_familiarity_head_adds_no_flag_figures():
+    """Its unfamiliarity is NaN for every image: no verdict, so no familiarity figures anywhere."""
+    none = np.full(len(LABELS), np.nan)
+    assert flagged(none) is None and flagged(None) is None
+    assert flagged(UNFAMILIARITY).tolist() == [u >= 1 for u in UNFAMILIARITY]
+    assert per_source(LABELS, SCORES, SOURCES, 0.5, none) == per_source(LABELS, SCORES, SOURCES, 0.5)
+    assert "flagged" not in robustness_row(LABELS, SCORES, SOURCES, 0.5, none)
+    without, with_head = report(LABELS, SCORES, none, SOURCES, 0.5), report(LABELS, SCORES, UNFAMILIARITY, SOURCES, 0.5)
+    assert "familiarity" not in without and set(without["per_source"]["ffhq"]) == {"false_positive_rate",
+                                                                                  "real_roc_auc", "n_real"}
+    assert with_head["familiarity"] == familiarity_report(LABELS, SCORES, UNFAMILIARITY, 0.5)
+    assert {k: with_head[k] for k in without if k != "per_source"} == {k: v for k, v in without.items()
+                                                                       if k != "per_source"}

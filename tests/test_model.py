@@ -9,9 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from deepfake_detector import heads
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.model import build_model, load_checkpoint, residual, save_checkpoint, to_input
+from deepfake_detector.heads import load_checkpoint
+from deepfake_detector.model import build_model, residual, save_checkpoint, to_input
 from deepfake_detector.params import ARCHS, ModelParams
 
 # Every arch but the small CNN is slow to build and step: `pytest -m "not slow"` keeps the CNN's case.
@@ -49,7 +51,8 @@ def test_to_input_scales_uint8_nhwc_to_float_nchw():
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = cnn(ModelParams(channels=(8, 16), hidden=8), 32).eval()
+    # A model.pt carries the heads its config names (here the default familiarity head, unfitted).
+    model = heads.build(ModelParams(arch="cnn", pretrained="none", channels=(8, 16), hidden=8), 32).eval()
     save_checkpoint(model, tmp_path / "m.pt", epoch=3)
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
     x = torch.rand(2, 3, 32, 32)
@@ -61,7 +64,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_every_arch_trains_a_step_round_trips_and_explains(arch, tmp_path):
     torch.manual_seed(0)
     size = 64
-    model = build_model(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), size)
+    model = heads.build(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), size)
     x, y = torch.rand(4, 3, size, size), torch.tensor([0, 1, 0, 1])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
@@ -113,7 +116,7 @@ def test_residual_input_keeps_only_what_differs_within_each_2x2_block(tmp_path):
     assert torch.allclose(residual(checker).abs().mean(), torch.tensor(0.5 * 2 / 3))
     torch.manual_seed(0)
     config = ModelParams(arch="cnn", pretrained="none", input="residual", channels=(8,), hidden=8)
-    model = build_model(config, 16).eval()
+    model = heads.build(config, 16).eval()
     other = torch.rand(1, 3, 8, 8).repeat_interleave(2, -1).repeat_interleave(2, -2)
     assert torch.allclose(model(coarse), model(other), atol=1e-6)  # content alone: the network sees the same zeros
     assert not torch.allclose(model(coarse), model(checker), atol=1e-3)
@@ -157,7 +160,7 @@ def test_every_arch_round_trips_through_the_registry_and_the_pyfunc(arch, tmp_pa
     monkeypatch.chdir(tmp_path)  # the store's artifacts land here
     torch.manual_seed(0)
     size = 64
-    save_checkpoint(build_model(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), size).eval(),
+    save_checkpoint(heads.build(ModelParams(arch=arch, pretrained="none", channels=(8, 16), hidden=8), size).eval(),
                     tmp_path / "model.pt", epoch=1)
     Decision(threshold=0.4, rule="fixed").write(tmp_path / "detector.json")
     buffer = io.BytesIO()

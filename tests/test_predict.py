@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FACES_MINI, ROOT, free_port, png_bytes, synthetic_face, wait_http
+from conftest import FACES_MINI, ROOT, free_port, model_copy, png_bytes, synthetic_face, wait_http
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.params import MlflowParams, Params
-from deepfake_detector.predict import largest_face, prepare
+from deepfake_detector.predict import PREDICTION_COLUMNS, largest_face, prepare
 from deepfake_detector.scoring import predict_paths
 from deepfake_detector.tracking import SERVING_REQUIREMENTS
 
@@ -128,19 +128,59 @@ def test_predict_cli_scores_a_folder_and_reports_bad_files(tmp_path, model_dir):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     (folder / "readme.txt").write_text("ignored: not an image suffix")
     out = tmp_path / "preds.csv"
-    result = subprocess.run([sys.executable, "-m", "deepfake_detector.cli", "predict", str(folder), "--model",
-                             str(model_dir), "--out", str(out), "--params", str(ROOT / "params.yaml")],
-                            capture_output=True, text=True, timeout=300)
+    result = predict_cli(folder, model_dir, out)
     assert result.returncode == 0, result.stderr
     assert "5 images" in result.stdout and "1 unreadable" in result.stdout and "1 skipped" in result.stdout
+    with out.open() as f:
+        assert next(csv.reader(f)) == list(PREDICTION_COLUMNS)
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"0.jpg", "1.jpg", "2.jpg", "deep.png", "broken.jpg", "readme.txt"}
-    assert rows["broken.jpg"]["p_fake"] == "" and rows["broken.jpg"]["error"]
+    for name in ("broken.jpg", "readme.txt"):  # not scored: no answer, no verdict
+        assert rows[name]["p_fake"] == rows[name]["unfamiliarity"] == rows[name]["familiar"] == ""
+        assert rows[name]["error"]
     assert rows["readme.txt"]["error"] == "skipped: .txt is not an image type read here"
     for name in ("0.jpg", "deep.png"):
         assert 0 <= float(rows[name]["p_fake"]) <= 1 and rows[name]["predicted"] in ("real", "fake")
         assert rows[name]["face"] == "crop-sized"  # a 32 px square: scored whole, like the training crops
+    scored = [r for r in rows.values() if not r["error"]]
+    # The familiarity verdict, as the Detector gives it: unfamiliarity to 6 places, familiar below 1.
+    detector = Detector.from_checkpoint(model_dir)
+    for row in scored:
+        expected = float(detector.assess(detector.prepare(Path(row["path"]).read_bytes()).array[None])[1][0])
+        assert row["unfamiliarity"] == f"{float(row['unfamiliarity']):.6f}"
+        assert float(row["unfamiliarity"]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert row["familiar"] == ("true" if float(row["unfamiliarity"]) < 1 else "false")
+    flagged = sum(r["familiar"] == "false" for r in scored)
+    assert f"{flagged} flagged unfamiliar" in result.stdout
     assert {r["source"] for r in rows.values()} == {"photos"}  # the folder given names every image under it
+
+
+def predict_cli(folder: Path, model: Path, out: Path) -> subprocess.CompletedProcess:
+    """``deepfake predict FOLDER --model MODEL --out OUT``, as a new process."""
+    return subprocess.run([sys.executable, "-m", "deepfake_detector.cli", "predict", str(folder), "--model",
+                           str(model), "--out", str(out), "--params", str(ROOT / "params.yaml")],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("distance,familiar", [(1e-30, "false"), (None, "")], ids=["flags-everything", "no-head"])
+def test_predict_writes_the_familiarity_verdict_or_none(tmp_path, model_dir, distance, familiar):
+    """A head that flags every face: each row says so, and the summary counts them; a model without the
+    head: every row scored, with empty verdict columns, and the summary says nothing of them."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        synthetic_face(i % 2, 300 + i, 32).save(folder / f"{i}.png")
+    out = tmp_path / "preds.csv"
+    result = predict_cli(folder, model_copy(model_dir, tmp_path / "model", distance), out)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and all(0 <= float(r["p_fake"]) <= 1 and r["error"] == "" for r in rows)
+    assert [r["familiar"] for r in rows] == [familiar] * 4
+    unfamiliarity = [r["unfamiliarity"] for r in rows]
+    if familiar:  # a distance over a tiny flagging distance: far beyond 1
+        assert all(float(u) > 1e6 for u in unfamiliarity) and "4 flagged unfamiliar" in result.stdout
+    else:
+        assert unfamiliarity == [""] * 4 and "flagged" not in result.stdout
 
 
 def test_predict_of_a_folder_without_images_is_an_error(tmp_path, model_dir):
@@ -216,12 +256,13 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
     served, too_small, too_large, no_base64, text = answer["predictions"]
     assert served["p_fake"] == pytest.approx(float(expected[0]), abs=1e-6)
     assert served["predicted"] == detector.label(float(expected[0])) and served["error"] == ""
+    assert served["familiar"] is (served["unfamiliarity"] < 1)  # the familiarity head's verdict, as JSON
     # A 256 px face against a 32 px model: searched (larger than twice the input), found filling the picture.
     assert served["face"] == "fills image" and served["face_box"] == ""
     # A bad row gets its reason, not a stack trace, and does not cost the good row its score; its
     # p_fake is null (JSON has no NaN).
     assert no_base64["predicted"] is None and no_base64["error"] and "Traceback" not in no_base64["error"]
-    assert text["error"] == "not an image" and text["p_fake"] is None
+    assert text["error"] == "not an image" and text["p_fake"] is text["unfamiliarity"] is text["familiar"] is None
     assert too_small["error"].startswith("too small: 8x8") and too_small["predicted"] is None
     assert "too large" in too_large["error"] and too_large["predicted"] is None
 
@@ -245,7 +286,7 @@ def test_serving_requirements_are_what_serving_imports(tmp_path, model_dir):
     from importlib.metadata import packages_distributions
 
     from deepfake_detector.backends import ONNX_FILE
-    from deepfake_detector.model import load_checkpoint
+    from deepfake_detector.heads import load_checkpoint
     from deepfake_detector.torch_backend import export_onnx
 
     Decision().write(tmp_path / "detector.json")  # face crop on: the OpenCV path runs too

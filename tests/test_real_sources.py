@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_RUN, make_dataset, one_class_source
 from deepfake_detector import cli, evaluate, train
 from deepfake_detector.card import model_card
-from deepfake_detector.model import load_checkpoint
+from deepfake_detector.heads import load_checkpoint
 from deepfake_detector.params import Params, flatten, with_overrides
 from deepfake_detector.stages import download, preprocess
 
@@ -48,10 +48,14 @@ def test_balance_by_sources_trains_and_each_real_source_is_reported(two_real_sou
     metrics = evaluate.run(processed, tmp_path / "sources" / "model.pt", out, p.evaluate, cpu, p.seed)
     written = json.loads((out / "metrics.json").read_text())
     assert list(written["per_source"]) == ["ffhq", "utk"]
-    assert set(written["per_source"]["utk"]) == {"false_positive_rate", "real_roc_auc", "n_real"}
-    assert set(written["per_source"]["ffhq"]) == {"roc_auc", "average_precision", "recall", "n_fake",
-                                                  "false_positive_rate", "real_roc_auc", "n_real"}
+    # The default model has a familiarity head: each source's rows say what share of its images it flags.
+    assert set(written["per_source"]["utk"]) == {"false_positive_rate", "real_roc_auc", "n_real", "real_flagged"}
+    assert set(written["per_source"]["ffhq"]) == {"roc_auc", "average_precision", "recall", "n_fake", "flagged",
+                                                  "caught_or_flagged", "false_positive_rate", "real_roc_auc", "n_real",
+                                                  "real_flagged"}
     utk, ffhq = written["per_source"]["utk"], written["per_source"]["ffhq"]
+    assert all(0 <= share <= 1 for share in (utk["real_flagged"], ffhq["real_flagged"], ffhq["flagged"]))
+    assert ffhq["recall"] <= ffhq["caught_or_flagged"]  # called fake, or flagged: never fewer than called fake
     assert (utk["n_real"], ffhq["n_real"], ffhq["n_fake"]) == (4, 8, 8)
     # The overall false positive rate is the two sources' reals together.
     assert written["false_positive_rate"] * 12 == pytest.approx(utk["false_positive_rate"] * 4

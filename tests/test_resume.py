@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, make_dataset, wait_http
-from deepfake_detector.model import load_checkpoint
+from deepfake_detector.heads import load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here trains in real processes, some of them twice
 
@@ -210,8 +210,8 @@ def test_mlflow_server_down_mid_run_loses_no_metric(processed, tmp_path):
 def test_torchrun_two_processes_train_once_with_one_run(processed, tmp_path):
     from deepfake_detector.batches import Batches
     from deepfake_detector.distributed import SINGLE, train_command
+    from deepfake_detector.heads import load_checkpoint as load
     from deepfake_detector.metrics import compute_metrics
-    from deepfake_detector.model import load_checkpoint as load
     from deepfake_detector.preprocess import load_split
     from deepfake_detector.train import validate
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FACES_MINI, ROOT, free_port, png_bytes, synthetic_face, wait_http
+from conftest import FACES_MINI, ROOT, free_port, model_copy, png_bytes, synthetic_face, wait_http
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.predict import PREDICTION_COLUMNS
 
@@ -158,36 +158,64 @@ def test_evaluate_data_refuses_an_out_holding_a_pipeline_evaluation(workspace, t
 
 # --- 2. served output is JSON; a local model folder is served without a registry ---------------------
 
-def test_served_error_rows_have_null_p_fake_and_the_answer_is_valid_json(tmp_path, model):
+def served_rows(model: Path, decision: Path, images: list[bytes]) -> list[dict]:
+    """The served model's rows for ``images`` and two rows that are not images, as the scoring
+    server writes them (a bare NaN token, which JSON parsers refuse, would raise)."""
     import pandas as pd
     from mlflow.pyfunc.scoring_server import predictions_to_json
 
     from deepfake_detector.serving import ImageModel
 
-    Decision(threshold=0.3, min_source_size=16).write(tmp_path / "detector.json")
     served = ImageModel()
     served.load_context(types.SimpleNamespace(artifacts={"checkpoint": str(model / "model.pt"),
-                                                         "decision": str(tmp_path / "detector.json")}))
-    images = [png_bytes(synthetic_face(1, 3, 32)), png_bytes(Image.open(plain_picture(tmp_path / "plain.png")))]
+                                                         "decision": str(decision)}))
     rows = [base64.b64encode(data).decode() for data in images]
     rows += ["not base64!", base64.b64encode(b"just some text").decode()]
     df = served.predict(None, pd.DataFrame({"image": rows}))
-    assert list(df.columns) == ["p_fake", "predicted", "face", "face_box", "error"]
-    records = df.to_dict(orient="records")
-    json.dumps(records, allow_nan=False)  # NaN would raise: JSON has none
-    good, plain, no_base64, text = records
+    assert list(df.columns) == ["p_fake", "predicted", "unfamiliarity", "familiar", "face", "face_box", "error"]
+    json.dumps(df.to_dict(orient="records"), allow_nan=False)  # NaN would raise: JSON has none
+    answer = io.StringIO()
+    predictions_to_json(df, answer)
+    return json.loads(answer.getvalue(), parse_constant=refuse_nan)["predictions"]
+
+
+def test_served_error_rows_have_null_p_fake_and_the_answer_is_valid_json(tmp_path, model):
+    Decision(threshold=0.3, min_source_size=16).write(tmp_path / "detector.json")
+    face = png_bytes(synthetic_face(1, 3, 32))
+    good, plain, no_base64, text = served_rows(model, tmp_path / "detector.json",
+                                               [face, png_bytes(Image.open(plain_picture(tmp_path / "plain.png")))])
     assert isinstance(good["p_fake"], float) and 0 <= good["p_fake"] <= 1
     assert good["predicted"] == ("fake" if good["p_fake"] >= 0.3 else "real") and good["error"] == ""
     assert (good["face"], good["face_box"]) == ("crop-sized", "")
+    # The familiarity verdict of the Detector itself: familiar below 1.
+    detector = Detector.from_checkpoint(model)
+    unfamiliarity = float(detector.assess(detector.prepare(face).array[None])[1][0])
+    assert good["unfamiliarity"] == pytest.approx(unfamiliarity, rel=1e-5)
+    assert good["familiar"] is (unfamiliarity < 1)
     assert plain["face"] == "not found" and plain["predicted"] in ("real", "fake")
+    assert isinstance(plain["unfamiliarity"], float) and isinstance(plain["familiar"], bool)
     for bad in (no_base64, text):
-        assert bad["p_fake"] is None and bad["predicted"] is None and bad["error"]
+        assert bad["p_fake"] is bad["predicted"] is bad["unfamiliarity"] is bad["familiar"] is None and bad["error"]
     assert text["error"] == "not an image"
-    # As the scoring server writes it: no bare NaN token for a JSON parser to refuse.
-    answer = io.StringIO()
-    predictions_to_json(df, answer)
-    parsed = json.loads(answer.getvalue(), parse_constant=refuse_nan)["predictions"]
-    assert [r["p_fake"] for r in parsed[2:]] == [None, None]
+
+
+@pytest.mark.parametrize("distance,familiar", [(1e-30, False), (float("inf"), True), (None, None)],
+                         ids=["flags-everything", "flags-nothing", "no-head"])
+def test_served_rows_carry_the_familiarity_verdict_or_null(tmp_path, synthetic_model, distance, familiar):
+    """A head that flags every face, one that flags none, and a model without one: its rows have no
+    verdict (null), and still their P(fake)."""
+    model = model_copy(synthetic_model, tmp_path / "model", distance)
+    Decision(threshold=0.3, min_source_size=16).write(tmp_path / "detector.json")
+    faces = [png_bytes(synthetic_face(i % 2, 3 + i, 32)) for i in range(3)]
+    rows = served_rows(model, tmp_path / "detector.json", faces)
+    for row in rows[:3]:
+        assert isinstance(row["p_fake"], float) and row["familiar"] is familiar
+        if familiar is None:
+            assert row["unfamiliarity"] is None
+        else:  # a distance over an infinite flagging distance is 0; over a tiny one, far beyond 1
+            assert row["unfamiliarity"] == 0.0 if familiar else row["unfamiliarity"] > 1e6
+    for bad in rows[3:]:
+        assert bad["unfamiliarity"] is bad["familiar"] is None
 
 
 def test_package_saves_a_model_folder_that_loads_without_a_registry(outside, model, cli_env):
@@ -510,6 +538,8 @@ def test_evaluate_data_writes_predicts_per_image_schema(outside, model, tmp_path
         assert row["source"] == twin["source"] == "other-faces"
         assert float(row["p_fake"]) == pytest.approx(float(twin["p_fake"]), abs=1e-5)
         assert row["predicted"] == twin["predicted"] in ("real", "fake")
+        assert float(row["unfamiliarity"]) == pytest.approx(float(twin["unfamiliarity"]), rel=1e-4, abs=1e-6)
+        assert row["familiar"] == twin["familiar"] in ("true", "false")
         assert (row["face"], row["face_box"], row["error"]) == (twin["face"], twin["face_box"], twin["error"])
         assert (row["face"], row["face_box"], row["error"]) == ("crop-sized", "", "")
 

@@ -14,7 +14,7 @@ from conftest import FLIPS_ONLY
 from deepfake_detector import augment, train
 from deepfake_detector.device import resolve_device
 from deepfake_detector.errors import UserError
-from deepfake_detector.model import load_checkpoint
+from deepfake_detector.heads import load_checkpoint
 from deepfake_detector.params import ModelParams, TrainParams
 
 MODEL = ModelParams(arch="cnn", pretrained="none", channels=(8, 16), convs_per_block=1, hidden=16, dropout=0.1)

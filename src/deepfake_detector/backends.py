@@ -1,7 +1,7 @@
 """Inference backends: how a :class:`~deepfake_detector.detector.Detector` turns prepared images into P(fake).
 
 Both take a uint8 NHWC batch, as preprocess stores images and predict prepares them, and return
-P(fake) per image:
+P(fake) per image and, for a model with a familiarity head, its unfamiliarity (else None):
 - ``torch``: the trained network as an inference graph (:mod:`~deepfake_detector.torch_backend`).
 - ``onnxruntime``: ``model.onnx``, exported beside ``model.pt`` by the train stage (scaling, the
   network and the softmax in one graph), run by ONNX Runtime (the ``onnx`` extra).
@@ -28,6 +28,8 @@ ONNX_FILE = "model.onnx"  # beside model.pt
 DECISION_FILE = "detector.json"  # the decision settings (threshold, ...) the evaluate stage chose for a model
 # What model.pt records for scoring besides the weights, also written into model.onnx's metadata.
 METADATA: dict[str, type] = {"image_size": int, "fit": str, "min_source_size": int}
+OUTPUTS = ("p_fake", "unfamiliarity")  # the ONNX graph's outputs: the second only with a familiarity head
+Outputs = tuple[np.ndarray, "np.ndarray | None"]  # P(fake) and unfamiliarity (None without the head) per image
 
 
 def scoring_metadata(image_size: int, checkpoint: dict) -> dict[str, Any]:
@@ -56,8 +58,9 @@ class OnnxBackend:
         # Exports made before the metadata have none: the Detector then reads model.pt.
         self.metadata: dict[str, Any] = {k: kind(found[k]) for k, kind in METADATA.items() if k in found}
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: np.ascontiguousarray(images)})[0]
+    def __call__(self, images: np.ndarray) -> Outputs:
+        p_fake, *rest = self.session.run(None, {self.input: np.ascontiguousarray(images)})
+        return p_fake, rest[0] if rest else None
 
 
 def import_onnxruntime():

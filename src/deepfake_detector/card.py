@@ -17,6 +17,23 @@ def _table(head: list[str], rows: list[list[object]]) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in cells)
 
 
+def _familiarity(figures: dict) -> str:
+    """The section on the familiarity head's flags (metrics.familiarity_report's ``figures``)."""
+    return f"""
+## Unfamiliar faces (test split)
+The familiarity head flags a face unlike those the model was trained on: every scorer reports it
+(`familiar` false), as its answer there is unreliable. {figures['n_flagged']} test images were flagged.
+
+{_table(["figure", "value"], [
+        ["flagged unfamiliar (share of images)", figures["flagged"]],
+        ["coverage (share not flagged)", figures["coverage"]],
+        ["ROC AUC of the images not flagged", figures["accepted_roc_auc"]],
+        ["accuracy of the images not flagged", figures["accepted_accuracy"]],
+        ["confident errors (share of images wrong and not flagged)", figures["confident_errors"]],
+        ["errors flagged (share of the wrong answers)", figures["errors_flagged"]]])}
+"""
+
+
 def model_card(name: str, metrics: dict, params: dict[str, Any], data: dict[str, Any], run_id: str | None) -> str:
     """Markdown describing what the model is, what it was trained on, how well it does and where not."""
     at_half = metrics.get("at_0.5", {})
@@ -26,26 +43,33 @@ def model_card(name: str, metrics: dict, params: dict[str, Any], data: dict[str,
         *([k.replace("_", " "), metrics[k], at_half.get(k, "")]
           for k in ("accuracy", "precision", "recall", "f1", "false_positive_rate"))])
     by_source = metrics.get("per_source", {})
-    fakes = [[k, v["n_fake"], v["roc_auc"], v["average_precision"], v["recall"]]
+    familiarity = metrics.get("familiarity")  # only a model with a familiarity head has its figures
+    unfamiliar = ["flagged unfamiliar"] if familiarity else []
+    fake_flags = [*unfamiliar, "caught or flagged unfamiliar"] if familiarity else []
+    fakes = [[k, v["n_fake"], v["roc_auc"], v["average_precision"], v["recall"],
+              *([v["flagged"], v["caught_or_flagged"]] if familiarity else [])]
              for k, v in by_source.items() if "n_fake" in v]
-    reals = [[k, v["n_real"], v["false_positive_rate"], v["real_roc_auc"]]
+    reals = [[k, v["n_real"], v["false_positive_rate"], v["real_roc_auc"],
+              *([v["real_flagged"]] if familiarity else [])]
              for k, v in by_source.items() if "n_real" in v]
     per_source = f"""
 ## Per source of fakes (test split)
 Each source's fakes against all real test images; recall at the chosen threshold.
 
-{_table(["source", "fakes", "ROC AUC", "average precision", "recall"], fakes)}
+{_table(["source", "fakes", "ROC AUC", "average precision", "recall", *fake_flags], fakes)}
 """ if fakes else ""
     per_source += f"""
 ## Per source of real faces (test split)
 The share of each source's real test faces called fake at the chosen threshold, and how well all
 test fakes are told from them.
 
-{_table(["source", "reals", "false positive rate", "ROC AUC of all fakes vs these reals"], reals)}
+{_table(["source", "reals", "false positive rate", "ROC AUC of all fakes vs these reals", *unfamiliar], reals)}
 """ if reals else ""
     real_names = [row[0] for row in reals]
-    robustness = _table(["perturbation", "ROC AUC", "accuracy", *(f"false positive rate, {k}" for k in real_names)],
-                        [[k, v["auc"], v["accuracy"], *(v.get("source_fpr", {}).get(s, "") for s in real_names)]
+    robustness = _table(["perturbation", "ROC AUC", "accuracy", *(f"false positive rate, {k}" for k in real_names),
+                         *unfamiliar],
+                        [[k, v["auc"], v["accuracy"], *(v.get("source_fpr", {}).get(s, "") for s in real_names),
+                          *([v["flagged"]] if familiarity else [])]
                          for k, v in metrics.get("robustness", {}).items()] or [["(not measured)", "", ""]])
     data_lines = "\n".join(f"- {k}: `{v}`" for k, v in data.items() if v not in (None, ""))
     param_lines = "\n".join(f"- `{k}`: {v}" for k, v in sorted(params.items()))
@@ -76,7 +100,7 @@ the validation split); images at or above it are called fake.
 
 Confusion at the chosen threshold: {metrics['tn']} real kept, {metrics['fp']} real flagged,
 {metrics['fn']} fakes missed, {metrics['tp']} fakes caught.
-{per_source}
+{_familiarity(familiarity) if familiarity else ""}{per_source}
 ## Robustness (test split, perturbed)
 {robustness}
 

@@ -163,7 +163,8 @@ def cmd_predict(p: Params, args: argparse.Namespace) -> None:
 
     s = predict_paths(p, args.paths, args.model, args.out, args.threshold, False if args.no_face_crop else None,
                       show_progress())
-    print(f"{s['images']} images: {s['fake']} fake, {s['real']} real (threshold {s['threshold']:.4f}), "
+    flagged = "" if s["unfamiliar"] is None else f"{s['unfamiliar']} flagged unfamiliar (unlike the training faces), "
+    print(f"{s['images']} images: {s['fake']} fake, {s['real']} real (threshold {s['threshold']:.4f}), {flagged}"
           f"{s['unreadable']} unreadable, {s['skipped']} skipped (not an image type read here) -> {args.out}")
 
 
@@ -182,6 +183,9 @@ def cmd_loso(p: Params, args: argparse.Namespace) -> None:
     result = loso.run(p, args.data, args.out, resolve_device(p.train.device), show_progress(), args.keep_data)
     print("test ROC AUC of each source's fakes against all reals (* the source left out of training):")
     print(loso.table(result, "roc_auc", bold=False), end="")
+    if "held_out_caught_or_flagged" in result:  # a familiarity head: a missed fake may still be flagged
+        print("held-out fakes caught or flagged unfamiliar: "
+              + ", ".join(f"{s} {figure(v)}" for s, v in result["held_out_caught_or_flagged"].items()))
     print(f"held-out ROC AUC: mean {figure(result['held_out_roc_auc_mean'])}, "
           f"worst {figure(result['held_out_roc_auc_min'])}; tables in {Path(args.out) / 'loso.md'}"
           + (f"; MLflow run {result['run_id']}" if result["run_id"] else ""))

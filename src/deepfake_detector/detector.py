@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -43,6 +43,27 @@ PREPARE_THREADS = 4  # images read and prepared at once while the model scores
 
 def read_file(path: Path | str) -> bytes:
     return Path(path).read_bytes()
+
+
+class Scored(NamedTuple):
+    """What :meth:`Detector.score` answers for each item."""
+
+    p_fake: np.ndarray  # float32, NaN where not scored
+    unfamiliarity: np.ndarray  # float32, 1 or more: unlike the training data; NaN where not scored or no head
+    errors: list[str]  # why an item was not scored; "" where scored
+    faces: list[Face]  # what the face search found, and the crop box
+
+
+def familiar(unfamiliarity: float) -> bool | None:
+    """Whether an image is like the faces the model was trained on (its unfamiliarity below 1); None
+    where there is no verdict (a model without a familiarity head, or an image not scored)."""
+    return None if np.isnan(unfamiliarity) else bool(unfamiliarity < 1)
+
+
+def verdict_text(unfamiliarity: float) -> tuple[str, str]:
+    """The ``unfamiliarity`` and ``familiar`` cells of a per-image CSV row: empty where there is no verdict."""
+    verdict = familiar(unfamiliarity)
+    return ("", "") if verdict is None else (f"{unfamiliarity:.6f}", str(verdict).lower())
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,7 @@ class Detector:
     def model(self) -> DeepfakeNet:
         with self._loading:
             if isinstance(self._model, Path):
-                from deepfake_detector.model import load_checkpoint
+                from deepfake_detector.heads import load_checkpoint
 
                 self._model = load_checkpoint(self._model)[0]
             return self._model.to(self.device).eval()  # a no-op once there
@@ -136,7 +157,7 @@ class Detector:
         model: DeepfakeNet | Path = checkpoint
         info = scorer.metadata if scorer is not None else {}
         if set(info) != set(METADATA):  # torch, or an export older than its metadata
-            from deepfake_detector.model import load_checkpoint
+            from deepfake_detector.heads import load_checkpoint
 
             model, ckpt = load_checkpoint(checkpoint)
             info = scoring_metadata(model.image_size, ckpt)
@@ -176,38 +197,46 @@ class Detector:
         crop = self.decision.crop_faces if crop_faces is None else crop_faces
         return prepare(data, self.image_size, crop, min_source_size=self.decision.min_source_size, fit=self.fit)
 
-    def predict(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-        """P(fake) of each prepared uint8 (N, S, S, 3) image, ``batch_size`` at a time; ``transform``
-        edits each batch (a copy: memmaps are read-only)."""
-        out = []
+    def assess(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """P(fake) and unfamiliarity (NaN for a model without a familiarity head) of each prepared uint8
+        (N, S, S, 3) image, ``batch_size`` at a time; ``transform`` edits each batch (a copy: memmaps
+        are read-only)."""
+        p_fake, unfamiliarity = [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
         for start in range(0, len(images), self.batch_size):
             batch = np.array(images[start:start + self.batch_size])
-            out.append(self.backend(transform(batch) if transform is not None else batch))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+            p, u = self.backend(transform(batch) if transform is not None else batch)
+            p_fake.append(p)
+            unfamiliarity.append(u if u is not None else np.full(len(p), np.nan, dtype=np.float32))
+        return np.concatenate(p_fake), np.concatenate(unfamiliarity)
+
+    def predict(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """P(fake) of each prepared image (:meth:`assess`)."""
+        return self.assess(images, transform)[0]
 
     def label(self, p_fake: float) -> str:
         return "fake" if p_fake >= self.threshold else "real"
 
     def score(self, items: Sequence[Any], read: Callable[[Any], bytes] = read_file,
-              crop_faces: bool | None = None) -> tuple[np.ndarray, list[str], list[Face]]:
-        """P(fake) of each item (NaN where not scored), one reason per item ("" where scored) and what
-        the face search found in each (``("", None)`` where not scored).
+              crop_faces: bool | None = None) -> Scored:
+        """The :class:`Scored` items: P(fake) and unfamiliarity (NaN where not scored, or where the model
+        has no familiarity head), one reason per item ("" where scored) and what the face search found
+        in each (``("", None)`` where not scored).
 
         ``read`` turns an item (a path; a base64 string when serving) into image bytes. Items are
         read and scored ``batch_size`` at a time and only the scores kept, so memory stays flat
         however many there are (a 100k-face set). An item that cannot be read or is not a usable
         image gets its reason and does not stop the others.
         """
-        p_fake, errors = np.full(len(items), np.nan, dtype=np.float32), [""] * len(items)
-        faces: list[Face] = [("", None)] * len(items)
-        for start, scores, reasons, found in self.batches(items, read, crop_faces):
-            end = start + len(scores)
-            p_fake[start:end], errors[start:end], faces[start:end] = scores, reasons, found
-        return p_fake, errors, faces
+        parts = [part for _, part in self.batches(items, read, crop_faces)]
+        if not parts:
+            return Scored(np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32), [], [])
+        return Scored(np.concatenate([s.p_fake for s in parts]), np.concatenate([s.unfamiliarity for s in parts]),
+                      [e for s in parts for e in s.errors], [f for s in parts for f in s.faces])
 
     def batches(self, items: Sequence[Any], read: Callable[[Any], bytes] = read_file,
-                crop_faces: bool | None = None) -> Iterator[tuple[int, np.ndarray, list[str], list[Face]]]:
-        """:meth:`score`, a batch at a time: ``(start, P(fake), reasons, faces)`` of ``items[start:start + n]``.
+                crop_faces: bool | None = None) -> Iterator[tuple[int, Scored]]:
+        """:meth:`score`, a batch at a time: ``(start, Scored of items[start:start + n])``.
 
         Reading, decoding and face-cropping run on :data:`PREPARE_THREADS` threads (Pillow and OpenCV
         release the GIL), the next batch's while the model scores this one: at most two batches of
@@ -230,18 +259,18 @@ class Detector:
                 results = [f.result() for f in upcoming]
                 upcoming = submit(start + self.batch_size)  # empty past the end
                 rows = [i for i, r in enumerate(results) if not isinstance(r, str)]
-                scores = np.full(len(results), np.nan, dtype=np.float32)
+                scores = np.full((2, len(results)), np.nan, dtype=np.float32)
                 if rows:
-                    scores[rows] = self.predict(np.stack([results[i].array for i in rows]))
-                yield (start, scores, [r if isinstance(r, str) else "" for r in results],
-                       [("", None) if isinstance(r, str) else (r.face, r.face_box) for r in results])
+                    scores[:, rows] = self.assess(np.stack([results[i].array for i in rows]))
+                yield start, Scored(scores[0], scores[1], [r if isinstance(r, str) else "" for r in results],
+                                    [("", None) if isinstance(r, str) else (r.face, r.face_box) for r in results])
 
     def score_files(self, paths: Sequence[Path], crop_faces: bool | None = None
                     ) -> tuple[np.ndarray, dict[Path, str], list[int]]:
         """:meth:`score` of files, as (scores of the readable ones, reason per other file, their indices)."""
-        p_fake, errors, _ = self.score(paths, crop_faces=crop_faces)
-        kept = [i for i, e in enumerate(errors) if not e]
-        return p_fake[kept], {Path(paths[i]): e for i, e in enumerate(errors) if e}, kept
+        scored = self.score(paths, crop_faces=crop_faces)
+        kept = [i for i, e in enumerate(scored.errors) if not e]
+        return scored.p_fake[kept], {Path(paths[i]): e for i, e in enumerate(scored.errors) if e}, kept
 
     def explain(self, array: np.ndarray) -> np.ndarray:
         """Grad-CAM of P(fake) on the last feature map before global pooling: an (S, S) map in [0, 1],

@@ -19,12 +19,14 @@ from sklearn import metrics as skm
 
 from deepfake_detector import plots, preprocess
 from deepfake_detector.data import CLASSES
-from deepfake_detector.detector import DECISION_FILE, Decision, Detector
+from deepfake_detector.detector import DECISION_FILE, Decision, Detector, verdict_text
 from deepfake_detector.metrics import (
     NEVER,
     calibration,
     choose_threshold,
     compute_metrics,
+    familiarity_report,
+    flagged,
     full_report,
     per_fake_source,
     per_real_source,
@@ -45,9 +47,7 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     """Evaluate on the test split with a threshold chosen on valid; writes metrics.json, plots/ and
     the decision settings every scorer of this model applies, ``detector.json``.
 
-    Returns the metrics, ``per_source`` (each source's fakes against all reals, each source's reals
-    against all fakes, see :func:`~deepfake_detector.metrics.per_source`) and ``robustness`` (a row
-    per perturbation, :func:`robustness_row`) included.
+    Returns the metrics (:func:`report`) and ``robustness`` (a row per perturbation, :func:`robustness_row`).
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     meta = json.loads((Path(processed_dir) / "meta.json").read_text())
@@ -58,25 +58,46 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
                                  params.threshold)
     Decision.chosen(threshold, params, meta["params"]["min_source_size"]).write(out_dir / DECISION_FILE)
     images, labels = load_split(processed_dir, "test")
-    p_fake = detector.predict(images)
+    p_fake, unfamiliarity = detector.assess(images)
     paths, sources = read_index(processed_dir, "test")
-    result = {**full_report(labels, p_fake, threshold), "per_source": per_source(labels, p_fake, sources, threshold)}
-    result["robustness"] = {name: robustness_row(labels, detector.predict(images, transform), sources, threshold)
-                            for name, transform in perturbations(params.robustness, seed)}
+    result = report(labels, p_fake, unfamiliarity, sources, threshold)
+    result["robustness"] = {}
+    for name, transform in perturbations(params.robustness, seed):
+        perturbed, unfamiliar = detector.assess(images, transform)
+        result["robustness"][name] = robustness_row(labels, perturbed, sources, threshold, unfamiliar)
     write_outputs(out_dir, result, labels, p_fake, paths, params, images=images,
-                  history=model_path.parent / "history.csv", sources=sources)
+                  history=model_path.parent / "history.csv", sources=sources, unfamiliarity=unfamiliarity)
     return result
 
 
-def robustness_row(labels: np.ndarray, p_fake: np.ndarray, sources: list[str], threshold: float) -> dict:
+def report(labels: np.ndarray, p_fake: np.ndarray, unfamiliarity: np.ndarray, sources: np.ndarray | list[str],
+           threshold: float) -> dict:
+    """The metrics of a scored set (:func:`~deepfake_detector.metrics.full_report`), ``per_source``
+    (each source's fakes against all reals, each source's reals against all fakes, see
+    :func:`~deepfake_detector.metrics.per_source`) and, for a model with a familiarity head (verdicts
+    in ``unfamiliarity``), ``familiarity``: :func:`~deepfake_detector.metrics.familiarity_report`."""
+    result = {**full_report(labels, p_fake, threshold),
+              "per_source": per_source(labels, p_fake, sources, threshold, unfamiliarity)}
+    if flagged(unfamiliarity) is not None:
+        result["familiarity"] = familiarity_report(labels, p_fake, unfamiliarity, threshold)
+    return result
+
+
+def robustness_row(labels: np.ndarray, p_fake: np.ndarray, sources: list[str], threshold: float,
+                   unfamiliarity: np.ndarray | None = None) -> dict:
     """One perturbation's row: test ``auc`` and ``accuracy``, each fake source's AUC against all reals
     (``sources``) and each real source's false positive rate at ``threshold`` (``source_fpr``: the
-    share of its perturbed photographs called fake, what a perturbation costs the people scored)."""
+    share of its perturbed photographs called fake, what a perturbation costs the people scored);
+    for a model with a familiarity head, the share of perturbed images ``flagged``."""
     m = compute_metrics(labels, p_fake, threshold)
-    return {"auc": m["roc_auc"], "accuracy": m["accuracy"],
-            "sources": {s: v["roc_auc"] for s, v in per_fake_source(labels, p_fake, sources, threshold).items()},
-            "source_fpr": {s: v["false_positive_rate"]
-                           for s, v in per_real_source(labels, p_fake, sources, threshold).items()}}
+    row = {"auc": m["roc_auc"], "accuracy": m["accuracy"],
+           "sources": {s: v["roc_auc"] for s, v in per_fake_source(labels, p_fake, sources, threshold).items()},
+           "source_fpr": {s: v["false_positive_rate"]
+                          for s, v in per_real_source(labels, p_fake, sources, threshold).items()}}
+    flag = flagged(unfamiliarity)
+    if flag is not None:
+        row["flagged"] = float(flag.mean())
+    return row
 
 
 def read_index(processed_dir: Path, split: str) -> tuple[list[str], list[str]]:
@@ -98,10 +119,12 @@ def _nan_to_null(value: object) -> object:
 
 def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.ndarray, paths: list[str],
                   params: EvaluateParams, images: np.ndarray | None = None, history: Path | None = None,
-                  sources: list[str] | None = None, faces: list[tuple[str, tuple | None]] | None = None) -> None:
+                  sources: list[str] | None = None, faces: list[tuple[str, tuple | None]] | None = None,
+                  unfamiliarity: np.ndarray | None = None) -> None:
     """``metrics.json`` plus plot data (JSON/CSV for DVC) and PNGs under ``out_dir/plots``; the per-image
-    ``plots/predictions.csv`` has ``deepfake predict``'s columns, with each image's source and, for
-    files scored whole or cropped, what the face search found (``faces``)."""
+    ``plots/predictions.csv`` has ``deepfake predict``'s columns, with each image's source, its
+    familiarity verdict (``unfamiliarity``; none without) and, for files scored whole or cropped, what
+    the face search found (``faces``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data, pngs = out_dir / "plots", out_dir / "plots" / "images"
     pngs.mkdir(parents=True, exist_ok=True)
@@ -109,11 +132,13 @@ def write_outputs(out_dir: Path, result: dict, labels: np.ndarray, p_fake: np.nd
     threshold = result["threshold"]
     pred = (p_fake >= threshold).astype(int)
     sources, faces = sources or [""] * len(paths), faces or [("", None)] * len(paths)
+    unfamiliarity = np.full(len(paths), np.nan) if unfamiliarity is None else unfamiliarity
     with (data / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PREDICTION_COLUMNS)
-        w.writerows((p, source, CLASSES[a], f"{s:.6f}", CLASSES[b], face, box_text(box), "") for p, source, a, s, b,
-                    (face, box) in zip(paths, sources, labels, p_fake, pred, faces))
+        w.writerows((p, source, CLASSES[a], f"{s:.6f}", CLASSES[b], *verdict_text(u), face, box_text(box), "")
+                    for p, source, a, s, b, u, (face, box) in zip(paths, sources, labels, p_fake, pred, unfamiliarity,
+                                                                 faces))
     both = len(np.unique(labels)) == 2
     roc = pr = []
     if both:

@@ -6,7 +6,9 @@ reals stay: a StyleGAN source also holds the FFHQ photographs), its threshold is
 split filtered the same way, and it is scored on the whole test split, each source's fakes against
 all reals (:func:`~deepfake_detector.metrics.per_fake_source`). The held-out source's AUC, the diagonal of
 the matrix, is the number that says whether the detector catches fakes of a kind it was not trained
-on; the other cells are the in-distribution control.
+on; the other cells are the in-distribution control. With a familiarity head (``model.familiarity``),
+each cell also says how many of those fakes were flagged unfamiliar, and how many were caught or
+flagged: a fake of a new generator that the detector misses is not passed as real without a warning.
 
 Writes ``loso.json`` (the matrix and each fit's summary), ``loso.md`` (the matrix as a table) and
 ``fits/<source>/model/`` (each fit's ``model.pt``, ``history.csv`` and ``train.json``), and logs one
@@ -136,7 +138,9 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
 
     Returns ``{"sources", "test_sources", "matrix": {left_out: {test_source: {"roc_auc",
     "average_precision", "recall", "n_fake"}}}, "held_out": {left_out: AUC on its own fakes},
-    "held_out_roc_auc_mean", "held_out_roc_auc_min", "fits": {left_out: summary}, "run_id"}``,
+    "held_out_roc_auc_mean", "held_out_roc_auc_min", "fits": {left_out: summary}, "run_id"}``; with a
+    familiarity head, each cell has ``flagged`` and ``caught_or_flagged`` too, and
+    ``held_out_caught_or_flagged`` is ``{left_out: share of its own fakes caught or flagged}``;
     also written to ``out/loso.json`` (NaN as null) and, as tables, ``out/loso.md``. Each fit's
     data subset is deleted once scored unless ``keep_data``. Logs one MLflow run (when
     ``p.mlflow.enabled``) in ``p.mlflow.experiment``. ``out`` is replaced only once complete.
@@ -169,13 +173,17 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
             result["held_out"][source] = result["matrix"][source].get(source, {}).get("roc_auc", math.nan)
             result["fits"][source] = {**scores, "counts": counts, "train": summary}
             tracker.log_metrics({f"loso.{source}.{test}.{k}": v for test, row in result["matrix"][source].items()
-                                 for k, v in row.items() if k in ("roc_auc", "recall")}
+                                 for k, v in row.items() if k in ("roc_auc", "recall", "flagged", "caught_or_flagged")}
                                 | {f"loso.{source}.{k}": v for k, v in scores.items()}
                                 | {f"loso.{source}.best_valid_auc": summary["best_valid_auc"]})
         result["test_sources"] = sorted({t for row in result["matrix"].values() for t in row})
         held = [v for v in result["held_out"].values() if not math.isnan(v)]
         result["held_out_roc_auc_mean"] = float(np.mean(held)) if held else math.nan
         result["held_out_roc_auc_min"] = float(min(held)) if held else math.nan
+        caught = {left: row[left]["caught_or_flagged"] for left, row in result["matrix"].items()
+                  if "caught_or_flagged" in row.get(left, {})}
+        if caught:  # models with a familiarity head
+            result["held_out_caught_or_flagged"] = caught
         tracker.log_metrics({f"loso.held_out_roc_auc_{k}": result[f"held_out_roc_auc_{k}"] for k in ("mean", "min")})
         result["run_id"] = tracker.run_id
         (staging / "loso.json").write_text(json.dumps(_nan_to_null(result), indent=2, allow_nan=False) + "\n")
@@ -200,11 +208,12 @@ def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     threshold = choose_threshold(valid_y, detector.predict(valid_x), p.evaluate.threshold_rule,
                                  p.evaluate.target_fpr, p.evaluate.threshold)
     test_x, test_y = load_split(data, "test")
-    p_fake = detector.predict(test_x)
+    p_fake, unfamiliarity = detector.assess(test_x)
     sources = [row["source"] for row in read_index(data, "test")[1]]
     overall = compute_metrics(test_y, p_fake, threshold)
     return {"threshold": float(threshold), "test_roc_auc": overall["roc_auc"], "test_accuracy": overall["accuracy"],
-            "test_recall": overall["recall"], "per_source": per_fake_source(test_y, p_fake, sources, threshold)}
+            "test_recall": overall["recall"],
+            "per_source": per_fake_source(test_y, p_fake, sources, threshold, unfamiliarity)}
 
 
 def _logged_params(p: Params, meta: dict, sources: list[str]) -> dict:
@@ -236,7 +245,13 @@ def table(result: dict, key: str = "roc_auc", bold: bool = True) -> str:
 
 
 def markdown(result: dict) -> str:
-    """``loso.md``: ROC AUC and recall tables, and the held-out summary."""
+    """``loso.md``: ROC AUC and recall tables (and, with a familiarity head, caught-or-flagged), and the
+    held-out summary."""
+    caught = result.get("held_out_caught_or_flagged")
+    flags = ("\n## Caught or flagged unfamiliar\n\nThe share of each source's test fakes called fake at the threshold "
+             "or flagged unfamiliar by the familiarity head: not passed as real without a warning.\n\n"
+             + table(result, "caught_or_flagged") + "\nHeld-out fakes caught or flagged: "
+             + ", ".join(f"{s} {_figure(v)}" for s, v in caught.items()) + ".\n") if caught else ""
     return (f"# Leave one source out\n\n"
             "Each row is a model trained without one source's fakes (its real images stay), scored on the whole "
             "test split: each column is that source's test fakes against all test reals. The bold cell is the "
@@ -244,7 +259,7 @@ def markdown(result: dict) -> str:
             f"Held-out ROC AUC: mean {_figure(result['held_out_roc_auc_mean'])}, "
             f"worst {_figure(result['held_out_roc_auc_min'])}.\n\n"
             "## ROC AUC\n\n" + table(result, "roc_auc") +
-            "\n## Recall at the threshold chosen on the filtered valid split\n\n" + table(result, "recall") +
+            "\n## Recall at the threshold chosen on the filtered valid split\n\n" + table(result, "recall") + flags +
             "\nThresholds (P(fake)): " + ", ".join(f"without {s} {_figure(f['threshold'])}"
                                                  for s, f in result["fits"].items()) + "\n")
 

@@ -1,6 +1,7 @@
 """Metrics of P(fake) scores against labels: ranking (ROC AUC, AP, EER), threshold rules,
-threshold metrics and calibration. Pure numpy and scikit-learn, so training (validation each
-epoch) and evaluation share them without training depending on evaluation's plots or models.
+threshold metrics, calibration and, for a model with a familiarity head, what its flags cover.
+Pure numpy and scikit-learn, so training (validation each epoch) and evaluation share them without
+training depending on evaluation's plots or models.
 
 The positive class is ``fake`` (label 1): precision and recall are about catching fakes.
 """
@@ -109,47 +110,98 @@ def full_report(labels: np.ndarray, p_fake: np.ndarray, threshold: float) -> dic
                                                "tn", "fp", "fn", "tp")}}
 
 
+def flagged(unfamiliarity: np.ndarray | None) -> np.ndarray | None:
+    """Whether each image is flagged (unfamiliarity 1 or more: unlike the faces the model was trained
+    on); None where the scores carry no verdict: a model without a familiarity head gives NaN for all."""
+    if unfamiliarity is None or np.isnan(np.asarray(unfamiliarity, dtype=np.float64)).all():
+        return None
+    return np.asarray(unfamiliarity) >= 1
+
+
+def familiarity_report(labels: np.ndarray, p_fake: np.ndarray, unfamiliarity: np.ndarray,
+                       threshold: float) -> dict[str, float]:
+    """What the familiarity head's flags cover at ``threshold``: ``flagged`` (the share of images
+    flagged, ``n_flagged`` of them) and ``coverage`` (the share answered), ``accepted_roc_auc`` and
+    ``accepted_accuracy`` on the images not flagged, ``confident_errors`` (the share of all images
+    wrong and not flagged: the mistakes nothing warns of) and ``errors_flagged`` (the share of the
+    wrong ones flagged). A figure without a denominator is NaN. ``unfamiliarity`` carries verdicts
+    (:func:`flagged` is not None)."""
+    labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake, dtype=np.float64)
+    flag = flagged(unfamiliarity)
+    wrong = (p_fake >= threshold).astype(int) != labels
+    kept = ~flag
+    both = len(np.unique(labels[kept])) == 2
+    return {"n_flagged": int(flag.sum()), "flagged": _ratio(int(flag.sum()), len(flag)),
+            "coverage": _ratio(int(kept.sum()), len(flag)),
+            "accepted_roc_auc": float(skm.roc_auc_score(labels[kept], p_fake[kept])) if both else math.nan,
+            "accepted_accuracy": _ratio(int((kept & ~wrong).sum()), int(kept.sum())),
+            "confident_errors": _ratio(int((kept & wrong).sum()), len(flag)),
+            "errors_flagged": _ratio(int((flag & wrong).sum()), int(wrong.sum()))}
+
+
 def per_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
-               threshold: float) -> dict[str, dict]:
+               threshold: float, unfamiliarity: np.ndarray | None = None) -> dict[str, dict]:
     """Per source, by name: :func:`per_fake_source`'s figures if it has fakes, :func:`per_real_source`'s
     if it has reals, both if both (their keys differ: ``n_fake`` marks the one, ``n_real`` the other)."""
-    fakes = per_fake_source(labels, p_fake, sources, threshold)
-    reals = per_real_source(labels, p_fake, sources, threshold)
+    fakes = per_fake_source(labels, p_fake, sources, threshold, unfamiliarity)
+    reals = per_real_source(labels, p_fake, sources, threshold, unfamiliarity)
     return {name: {**fakes.get(name, {}), **reals.get(name, {})} for name in sorted(fakes.keys() | reals.keys())}
 
 
 def per_fake_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
-                    threshold: float) -> dict[str, dict]:
+                    threshold: float, unfamiliarity: np.ndarray | None = None) -> dict[str, dict]:
     """Per source of fakes, by name: its fakes against every real image of the set (``roc_auc`` and
-    ``average_precision``, NaN without reals), its ``recall`` at ``threshold`` and ``n_fake``.
+    ``average_precision``, NaN without reals), its ``recall`` at ``threshold`` and ``n_fake``; with
+    the verdicts of a familiarity head (``unfamiliarity``, see :func:`flagged`), the share of its
+    fakes ``flagged`` and the share ``caught_or_flagged`` (called fake, or flagged: not passed as real
+    without a warning).
 
     Reals are one pool whatever their source, so each figure says how well that generator's fakes
     stand out from the photographs.
     """
-    return {name: {k: m[k] for k in ("roc_auc", "average_precision", "recall", "n_fake")}
+    rows = {name: {k: m[k] for k in ("roc_auc", "average_precision", "recall", "n_fake")}
             for name, m in _each_source(labels, p_fake, sources, threshold, 1).items()}
+    flag = flagged(unfamiliarity)
+    if flag is not None:
+        caught = np.asarray(p_fake) >= threshold
+        for name, mine in _members(labels, sources, 1).items():
+            rows[name] |= {"flagged": float(flag[mine].mean()),
+                           "caught_or_flagged": float((caught | flag)[mine].mean())}
+    return rows
 
 
 def per_real_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str],
-                    threshold: float) -> dict[str, dict]:
+                    threshold: float, unfamiliarity: np.ndarray | None = None) -> dict[str, dict]:
     """Per source of real images, by name: the share of its reals called fake at ``threshold``
     (``false_positive_rate``), ``n_real``, and ``real_roc_auc``: every fake of the set against its
-    reals (NaN without fakes), how well the fakes stand out from this source's photographs.
+    reals (NaN without fakes), how well the fakes stand out from this source's photographs; with the
+    verdicts of a familiarity head (``unfamiliarity``), the share of its reals flagged (``real_flagged``).
 
     No average precision: with every fake as a positive, it would say more about the pool of fakes
     and its size than about this source.
     """
-    return {name: {"false_positive_rate": m["false_positive_rate"], "real_roc_auc": m["roc_auc"], "n_real": m["n_real"]}
+    rows = {name: {"false_positive_rate": m["false_positive_rate"], "real_roc_auc": m["roc_auc"], "n_real": m["n_real"]}
             for name, m in _each_source(labels, p_fake, sources, threshold, 0).items()}
+    flag = flagged(unfamiliarity)
+    if flag is not None:
+        for name, mine in _members(labels, sources, 0).items():
+            rows[name]["real_flagged"] = float(flag[mine].mean())
+    return rows
+
+
+def _members(labels: np.ndarray, sources: np.ndarray | list[str], label: int) -> dict[str, np.ndarray]:
+    """Per source with ``label`` images, by name: which images are its images of that class."""
+    labels, sources = np.asarray(labels).astype(int), np.asarray(sources)
+    return {name: (labels == label) & (sources == name) for name in sorted(set(sources[labels == label].tolist()))}
 
 
 def _each_source(labels: np.ndarray, p_fake: np.ndarray, sources: np.ndarray | list[str], threshold: float,
                  label: int) -> dict[str, dict]:
     """:func:`compute_metrics` per source of ``label`` images: its images of that class against every
     image of the other class, whatever their source."""
-    labels, p_fake, sources = np.asarray(labels).astype(int), np.asarray(p_fake), np.asarray(sources)
+    labels, p_fake = np.asarray(labels).astype(int), np.asarray(p_fake)
     result = {}
-    for name in sorted(set(sources[labels == label].tolist())):
-        keep = (labels != label) | (sources == name)
+    for name, mine in _members(labels, sources, label).items():
+        keep = (labels != label) | mine
         result[name] = compute_metrics(labels[keep], p_fake[keep], threshold)
     return result

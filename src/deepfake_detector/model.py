@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import pickle
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +27,6 @@ from torch import nn
 from deepfake_detector.checkpoint import atomic_save
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import ARCHS, ModelParams
-from deepfake_detector.spectrum import SpectrumBranch
 
 LITE_ARCHS = tuple(a for a in ARCHS if a.startswith("efficientnet_lite"))
 TORCHVISION_ARCHS = tuple(a for a in ARCHS if a != "cnn" and a not in LITE_ARCHS)
@@ -43,36 +40,55 @@ LITE_SHA256 = {"efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f
 
 
 class DeepfakeNet(nn.Module):
-    """``head(features(normalised x))``: two logits (real, fake); with ``config.spectrum``, once
-    fitted, the fake logit is raised to the spectrum branch's where that is higher (spectrum.py)."""
+    """``head(features(normalised x))``: two logits (real, fake), and after training its post-training
+    ``heads`` (:mod:`~deepfake_detector.heads`): the spectrum branch may raise the fake logit, the
+    familiarity head adds an ``unfamiliarity`` output. The network knows its heads only as modules
+    in ``heads`` that map (input, logits, embedding) to outputs."""
 
     def __init__(self, config: ModelParams, image_size: int, features: nn.Module, head: nn.Module,
                  stats: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
         super().__init__()
         self.config, self.image_size = config, image_size
-        self.features, self.head = features, head
+        self.features, self.head = features, head  # head ends in the Linear layer to the two logits
         # Buffers: they move with .to(device) and are saved with the weights.
         self.register_buffer("mean", torch.tensor(stats[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(stats[1]).view(1, 3, 1, 1))
-        self.spectrum = SpectrumBranch(image_size) if config.spectrum else None
+        self.heads = nn.ModuleDict()  # in order: each reads the outputs of those before it
 
     @property
     def arch(self) -> str:
         return self.config.arch
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CNN's logits (without the spectrum branch) and its last feature map before global
-        pooling (what Grad-CAM explains)."""
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         if self.config.input == "residual":
             x = residual(x)
-        features = self.features(x)
+        return self.features(x)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CNN's logits (without the heads) and its last feature map before global pooling (what
+        Grad-CAM explains)."""
+        features = self._features(x)
         return self.head(features), features
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the last linear layer (pooled features): what the familiarity head measures."""
+        return self.head[:-1](self._features(x))
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logits`` (the CNN's, as the heads leave them), ``embedding`` (the input of the last linear
+        layer, what the familiarity head measures) and each head's outputs."""
+        embedding = self.embed(x)
+        out = {"logits": self.head[-1](embedding), "embedding": embedding}
+        for head in self.heads.values():
+            out.update(head(x, out["logits"], embedding))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.forward_features(x)[0]
-        # Training fits the CNN alone; the branch is fit after (spectrum.fit_spectrum) and is a no-op till then.
-        return logits if self.spectrum is None or self.training else self.spectrum.fuse(logits, x)
+        # Training fits the CNN alone; the heads are fit after (heads.fit_heads) and no-ops till then.
+        if self.training or not len(self.heads):
+            return self.forward_features(x)[0]
+        return self.outputs(x)["logits"]
 
 
 def residual(x: torch.Tensor) -> torch.Tensor:
@@ -237,20 +253,3 @@ def save_checkpoint(model: DeepfakeNet, path: Path, state_dict: dict | None = No
     atomically, so a reader never sees half a file."""
     atomic_save({"config": asdict(model.config), "image_size": model.image_size,
                  "state_dict": model.state_dict() if state_dict is None else state_dict, **extra}, path)
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DeepfakeNet, dict]:
-    """Rebuild a model saved by :func:`save_checkpoint` (never downloading weights); returns it in
-    eval mode and the checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        cfg = dict(ckpt["config"])
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
-        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a checkpoint written by train ({type(exc).__name__}: {why})") from None
-    cfg.setdefault("arch", "cnn")  # checkpoints from before model.arch existed
-    cfg.setdefault("pretrained", "none")
-    model = build_model(ModelParams(**{**cfg, "channels": tuple(cfg["channels"])}), ckpt["image_size"],
-                        pretrained="none")
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt

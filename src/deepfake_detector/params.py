@@ -148,6 +148,11 @@ class ModelParams(_Checked):
     # Fake sources that fit the spectrum branch only, never the CNN: autoencoder twins teach a CNN that
     # "smoother than FFHQ" means fake, and it then calls blurred or downscaled real photos fake.
     spectrum_only: tuple[str, ...] = ()
+    # A head fit after training that flags images unlike the train split ("unfamiliar": the answer is
+    # unreliable there), familiarity.py: mahalanobis | knn | none. Chosen in docs/experiments.md.
+    familiarity: Literal["mahalanobis", "knn", "none"] = "mahalanobis"
+    familiar_groups: Literal["class", "source"] = "source"  # mahalanobis: one Gaussian per class, or per source
+    unfamiliar_share: float = checked(0.05, "a share in (0, 1)", lambda v: 0 < v < 1)  # of valid images flagged
     pretrained: str = "imagenet"
     # cnn only. Five single-conv blocks (32-256) reached valid AUC 0.87 where four double-conv ones
     # (16-128) reached 0.81, for 12 % more time per epoch (docs/experiments.md).

@@ -33,9 +33,12 @@ FACE_OFF = "off"  # the search was turned off (--no-face-crop): scored whole
 TIGHT_SHARE = 0.35  # a face covering this share of the picture is a tight crop already
 
 # The per-image CSV of `deepfake predict` and `deepfake evaluate` alike: `actual` is the label of a
-# labelled set (empty for predict), `predicted` the label at the threshold, `error` why a file was
-# not scored (then `p_fake` and `predicted` are empty).
-PREDICTION_COLUMNS = ("path", "source", "actual", "p_fake", "predicted", "face", "face_box", "error")
+# labelled set (empty for predict), `predicted` the label at the threshold, `unfamiliarity` and
+# `familiar` the familiarity head's verdict (false: unlike the faces the model was trained on; both
+# empty for a model without the head), `error` why a file was not scored (then `p_fake`,
+# `predicted`, `unfamiliarity` and `familiar` are empty).
+PREDICTION_COLUMNS = ("path", "source", "actual", "p_fake", "predicted", "unfamiliarity", "familiar", "face",
+                      "face_box", "error")
 
 
 @dataclass(frozen=True)

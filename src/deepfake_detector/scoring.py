@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from deepfake_detector import data, sources
 from deepfake_detector.atomic import replacing_dir, replacing_file
-from deepfake_detector.detector import DECISION_FILE, Detector
+from deepfake_detector.detector import DECISION_FILE, Detector, familiar, verdict_text
 from deepfake_detector.params import Params
 from deepfake_detector.predict import PREDICTION_COLUMNS, box_text, iter_images, skipped_files
 
@@ -33,7 +33,8 @@ def load_detector(p: Params, model: str, threshold: float | None = None) -> Dete
 def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold: float | None = None,
                   crop_faces: bool | None = None, progress: bool = False) -> dict:
     """Score files and folders into a CSV (:data:`~deepfake_detector.predict.PREDICTION_COLUMNS`),
-    streaming in batches; returns the counts and the threshold.
+    streaming in batches; returns the counts and the threshold. ``unfamiliar`` counts the images the
+    familiarity head flagged; it is None for a model without one (no verdict).
 
     Unreadable files get their reason in ``error`` and are counted, and so are files a folder scan
     leaves out for their type (``.heic``, ``.txt``): neither stops the run. Each image's source is
@@ -49,22 +50,27 @@ def predict_paths(p: Params, paths: list[Path], model: str, out: Path, threshold
     detector = load_detector(p, model, threshold)
     files, names = [path for path, _ in named], [name for _, name in named]
     counts = {"images": len(files), "fake": 0, "real": 0, "unreadable": 0, "skipped": len(skipped)}
+    verdicts: Counter[bool | None] = Counter()
     first_error = ""
     with replacing_file(Path(out), "w") as f, tqdm(total=len(files), unit="img", disable=not progress) as bar:
         writer = csv.writer(f)
         writer.writerow(PREDICTION_COLUMNS)
-        for start, p_fake, errors, faces in detector.batches(files, crop_faces=crop_faces):
-            for path, name, score, error, (face, box) in zip(files[start:], names[start:], p_fake, errors, faces):
+        for start, scored in detector.batches(files, crop_faces=crop_faces):
+            for path, name, score, unfamiliarity, error, (face, box) in zip(
+                    files[start:], names[start:], scored.p_fake, scored.unfamiliarity, scored.errors, scored.faces):
                 label = "" if error else detector.label(score)
                 counts[label or "unreadable"] += 1
+                verdicts[familiar(unfamiliarity)] += 1
                 first_error = first_error or error and f"{path}: {error}"
-                writer.writerow([path, name, "", "" if error else f"{score:.6f}", label, face, box_text(box), error])
-            bar.update(len(p_fake))
-        writer.writerows([path, name, "", "", "", "", "", f"skipped: {path.suffix.lower() or 'no suffix'} is not "
-                          "an image type read here"] for path, name in skipped)
+                writer.writerow([path, name, "", "" if error else f"{score:.6f}", label, *verdict_text(unfamiliarity),
+                                 face, box_text(box), error])
+            bar.update(len(scored.p_fake))
+        writer.writerows([path, name, "", "", "", "", "", "", "", f"skipped: {path.suffix.lower() or 'no suffix'} "
+                          "is not an image type read here"] for path, name in skipped)
     if counts["unreadable"] == len(files):
         raise data.DataError(f"none of the {len(files)} images could be scored (reasons in {out}; {first_error})")
-    return {**counts, "threshold": detector.threshold}
+    has_head = verdicts[True] + verdicts[False] > 0
+    return {**counts, "unfamiliar": verdicts[False] if has_head else None, "threshold": detector.threshold}
 
 
 def skipped_text(skipped: list[tuple[Path, str]]) -> str:
@@ -147,7 +153,8 @@ def set_name(path: Path) -> str:
 def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, threshold: float | None = None,
                     root: Path | None = None) -> dict:
     """Score any labelled folder (``real/`` and/or ``fake/``), CSV or set of sources (see
-    :func:`labelled_sources`) with a stored model, with metrics per source; no tracking.
+    :func:`labelled_sources`) with a stored model, with metrics per source and, for a model with a
+    familiarity head, what its flags cover (:func:`~deepfake_detector.evaluate.report`); no tracking.
 
     ``model`` is a folder or file with ``model.pt``, or an MLflow model URI; the threshold is
     ``threshold``, else the model's own (its ``detector.json``). A CSV's relative paths are under
@@ -156,7 +163,6 @@ def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, thr
     """
     # Here, not at the top: scikit-learn and the plots are a second of start-up that predict does not need.
     from deepfake_detector import evaluate
-    from deepfake_detector.metrics import full_report, per_source
 
     if (Path(out) / DECISION_FILE).exists():
         raise data.DataError(f"{out} holds a pipeline evaluation ({DECISION_FILE}, which scorers read): "
@@ -164,18 +170,20 @@ def evaluate_folder(p: Params, data_path: str | Path, model: str, out: Path, thr
     paths, labels, names = labelled_sources(data_path, root)
     detector = load_detector(p, model, threshold)
     with replacing_dir(out, FOLDER_OUTPUTS) as staging:  # entered first: a refused --out fails fast
-        p_fake, errors, faces = detector.score(paths)
-        kept = [i for i, error in enumerate(errors) if not error]
-        unreadable = [(paths[i], error) for i, error in enumerate(errors) if error]
+        scored = detector.score(paths)
+        kept = [i for i, error in enumerate(scored.errors) if not error]
+        unreadable = [(paths[i], error) for i, error in enumerate(scored.errors) if error]
         if not kept:
             first, reason = unreadable[0]
             raise data.DataError(f"none of the {len(paths)} images of {data_path} could be read ({first}: "
                                  f"{reason}): nothing to evaluate")
-        labels, p_fake, names = labels[kept], p_fake[kept], names[kept]
-        metrics = {**full_report(labels, p_fake, detector.threshold),
-                   "per_source": per_source(labels, p_fake, names, detector.threshold), "unreadable": len(unreadable)}
+        labels, names = labels[kept], names[kept]
+        p_fake, unfamiliarity = scored.p_fake[kept], scored.unfamiliarity[kept]
+        metrics = {**evaluate.report(labels, p_fake, unfamiliarity, names, detector.threshold),
+                   "unreadable": len(unreadable)}
         evaluate.write_outputs(staging, metrics, labels, p_fake, [str(paths[i]) for i in kept], p.evaluate,
-                               sources=names.tolist(), faces=[faces[i] for i in kept])
+                               sources=names.tolist(), faces=[scored.faces[i] for i in kept],
+                               unfamiliarity=unfamiliarity)
         if unreadable:
             with (staging / "unreadable.csv").open("w", newline="") as f:
                 csv.writer(f).writerows([("path", "reason"), *unreadable])

@@ -1,6 +1,8 @@
 """The served model, logged from code (MLflow models-from-code): base64 image files in; P(fake),
-the label at the logged threshold, what the face search found and, for a row that is not a usable
-image, the reason out (``p_fake`` and ``predicted`` then null: JSON has no NaN).
+the label at the logged threshold, the familiarity verdict (``unfamiliarity``, and ``familiar``
+false for a face unlike those the model was trained on; both null for a model without a
+familiarity head), what the face search found and, for a row that is not a usable image, the
+reason out (``p_fake``, ``predicted``, ``unfamiliarity`` and ``familiar`` then null: JSON has no NaN).
 
 MLflow records this file as the model's code and runs it when serving (`mlflow models serve`);
 nothing is pickled. It scores through the same :class:`~deepfake_detector.detector.Detector` as
@@ -16,7 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from deepfake_detector.detector import Decision, Detector
+from deepfake_detector.detector import Decision, Detector, familiar
 from deepfake_detector.predict import box_text
 
 
@@ -31,15 +33,19 @@ class ImageModel(PythonModel):
                                                  Decision.read(context.artifacts["decision"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        p_fake, errors, faces = self.detector.score(list(model_input["image"]), read=decode)
-        scored = [not e for e in errors]
+        scored = self.detector.score(list(model_input["image"]), read=decode)
+        ok = [not e for e in scored.errors]
+        verdicts = [familiar(u) for u in scored.unfamiliarity]  # None: no head, or not scored
+        unfamiliarity = [None if v is None else float(u) for u, v in zip(scored.unfamiliarity, verdicts)]
         # Object columns holding None: the scoring server writes them as null, where a float NaN
         # would come out as the bare token NaN, which JSON parsers refuse.
         return pd.DataFrame({
-            "p_fake": pd.Series([float(p) if ok else None for p, ok in zip(p_fake, scored)], dtype=object),
-            "predicted": pd.Series([self.detector.label(p) if ok else None for p, ok in zip(p_fake, scored)],
+            "p_fake": pd.Series([float(p) if s else None for p, s in zip(scored.p_fake, ok)], dtype=object),
+            "predicted": pd.Series([self.detector.label(p) if s else None for p, s in zip(scored.p_fake, ok)],
                                    dtype=object),
-            "face": [face for face, _ in faces], "face_box": [box_text(box) for _, box in faces], "error": errors})
+            "unfamiliarity": pd.Series(unfamiliarity, dtype=object), "familiar": pd.Series(verdicts, dtype=object),
+            "face": [face for face, _ in scored.faces], "face_box": [box_text(box) for _, box in scored.faces],
+            "error": scored.errors})
 
 
 mlflow.models.set_model(ImageModel())

@@ -40,8 +40,8 @@ def ring_matrix(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SpectrumBranch(nn.Module):
-    """Log-odds of 'fake' from the image's ring-averaged log amplitude spectrum; until :func:`fit_spectrum`
-    sets its weights, :meth:`fuse` returns the CNN's logits unchanged."""
+    """Log-odds of 'fake' from the image's ring-averaged log amplitude spectrum; until :func:`fit`
+    sets its weights, it hands on the CNN's logits unchanged (a post-training head: :mod:`~deepfake_detector.heads`)."""
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
@@ -82,57 +82,37 @@ class SpectrumBranch(nn.Module):
         level = z.mean(1)
         return z @ self.weight + self.bias, (level >= self.low) & (level <= self.high)
 
-    def fuse(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """The (real, fake) logits whose fake log-odds are the larger of the CNN's and the branch's
         (the CNN's alone where the branch abstains)."""
         cnn = (logits[:, 1] - logits[:, 0]).float()
         score, known = self.score(x)
         odds = torch.where(known, torch.maximum(cnn, self.gain * score + self.shift), cnn)
-        return torch.stack([logits[:, 0].float(), logits[:, 0].float() + odds], 1).to(logits.dtype)
+        return {"logits": torch.stack([logits[:, 0].float(), logits[:, 0].float() + odds], 1).to(logits.dtype)}
 
 
-@torch.inference_mode()
-def _batched(fn, images: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
-    """``fn`` of the uint8 NHWC ``images``, ``batch_size`` at a time, as one float64 array."""
-    from deepfake_detector.model import to_input
-
-    out = [fn(to_input(torch.from_numpy(np.array(images[i:i + batch_size]))).to(device)).double().cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy()
-
-
-def fit_spectrum(model: nn.Module, train: tuple[np.ndarray, np.ndarray], valid: tuple[np.ndarray, np.ndarray],
-                 device: torch.device, batch_size: int = 128) -> dict[str, float]:
-    """Fit ``model.spectrum`` (a :class:`SpectrumBranch`) on the ``train`` (images, labels) and align it
-    with the CNN on the real faces of ``valid``; returns the branch's own AUC on train and valid."""
+def fit(branch: SpectrumBranch, features: np.ndarray, labels: np.ndarray) -> float:
+    """Fit the regression of ``branch`` on the train images' :meth:`~SpectrumBranch.features` and
+    ``labels``; returns its train AUC."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    branch: SpectrumBranch = model.spectrum
-    model.eval()
-    x, y = train
-    features = _batched(branch.features, x, device, batch_size)
     scaler = StandardScaler().fit(features)
     z = scaler.transform(features)
     # Balanced: with several sources the classes are unequal, and the regression must not learn the prior.
-    clf = LogisticRegression(C=SPECTRUM_C, class_weight="balanced", max_iter=5000).fit(z, y)
+    clf = LogisticRegression(C=SPECTRUM_C, class_weight="balanced", max_iter=5000).fit(z, labels)
     level = z.mean(1)
     for buffer, value in ((branch.mean, scaler.mean_), (branch.scale, scaler.scale_), (branch.weight, clf.coef_[0]),
                           (branch.bias, clf.intercept_[0]), (branch.low, level.min()), (branch.high, level.max())):
         buffer.copy_(torch.as_tensor(value, dtype=torch.float32))
-    vx, vy = valid
-    score = _batched(lambda images: branch.score(images)[0], vx, device, batch_size)
+    return float(roc_auc_score(labels, clf.decision_function(z)))
 
-    def cnn_odds(images: torch.Tensor) -> torch.Tensor:
-        logits = model.forward_features(images)[0].float()
-        return logits[:, 1] - logits[:, 0]
 
-    real = np.flatnonzero(np.asarray(vy) == 0)
-    odds, own = _batched(cnn_odds, vx[real], device, batch_size), score[real]
-    if own.std() > 0:  # else the branch is a constant, and its shift stays -inf: it never wins
-        gain = odds.std() / own.std()
+def align(branch: SpectrumBranch, cnn_odds: np.ndarray, scores: np.ndarray) -> None:
+    """Map the branch's scores onto the CNN's log-odds scale: the CNN's ``cnn_odds`` and the branch's
+    ``scores`` of the same (valid real) images get one mean and spread."""
+    if scores.std() > 0:  # else the branch is a constant, and its shift stays -inf: it never wins
+        gain = cnn_odds.std() / scores.std()
         branch.gain.fill_(float(gain))
-        branch.shift.fill_(float(odds.mean() - gain * own.mean()))
-    return {"train_auc": float(roc_auc_score(y, clf.decision_function(z))),
-            "valid_auc": float(roc_auc_score(vy, score)) if len(set(vy)) > 1 else float("nan")}
+        branch.shift.fill_(float(cnn_odds.mean() - gain * scores.mean()))

@@ -16,21 +16,28 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from deepfake_detector.atomic import replacing_file
-from deepfake_detector.backends import OnnxBackend, onnxruntime_installed, scoring_metadata
+from deepfake_detector.backends import OUTPUTS, OnnxBackend, Outputs, onnxruntime_installed, scoring_metadata
 from deepfake_detector.model import to_input
 
 TOLERANCE = 1e-4  # largest P(fake) difference an export may show against PyTorch
+# and unfamiliarity difference: a thousandth of the flagging distance (a distance near the train
+# embeddings is a difference of close numbers: float32 rounding is magnified there)
+UNFAMILIARITY_TOLERANCE = 1e-3
 
 
 class Scorer(nn.Module):
-    """uint8 NHWC images to P(fake): what both backends run (and what is exported to ONNX)."""
+    """uint8 NHWC images to P(fake) and, with a familiarity head, the unfamiliarity: what both backends
+    run (and what is exported to ONNX, as its outputs :data:`~deepfake_detector.backends.OUTPUTS`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.familiarity = "familiarity" in model.heads
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(to_input(images)).float(), dim=1)[:, 1]
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.outputs(to_input(images))
+        p_fake = torch.softmax(out["logits"].float(), dim=1)[:, 1]
+        return (p_fake, out["unfamiliarity"].float()) if self.familiarity else p_fake
 
 
 def fold_batch_norm(model: nn.Module, image_size: int) -> nn.Module:
@@ -77,18 +84,25 @@ class TorchBackend:
         self.device, self.scorer = device, Scorer(graph).to(device, memory_format=fmt).eval()
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray) -> Outputs:
         # NHWC uint8 permuted to NCHW is already channels_last in memory: no copy on the way in.
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            return self.scorer(torch.from_numpy(images).to(self.device)).cpu().numpy()
+            return outputs(self.scorer(torch.from_numpy(images).to(self.device)))
+
+
+def outputs(scored: torch.Tensor | tuple[torch.Tensor, ...]) -> Outputs:
+    """A :class:`Scorer`'s answer as the backends' (P(fake), unfamiliarity or None)."""
+    p_fake, *rest = scored if isinstance(scored, tuple) else (scored,)
+    return p_fake.cpu().numpy(), rest[0].cpu().numpy() if rest else None
 
 
 def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, checkpoint: dict | None = None
                 ) -> dict:
-    """Write ``model`` as ONNX to ``path`` (uint8 NHWC images in, P(fake) out, any batch size), with
+    """Write ``model`` as ONNX to ``path`` (uint8 NHWC images in, P(fake) out and, with a familiarity
+    head, the unfamiliarity; any batch size), with
     its :func:`~deepfake_detector.backends.scoring_metadata` (from ``checkpoint``, model.pt's extras),
     atomically; where ONNX Runtime is installed, check it against PyTorch on ``images`` (uint8 NHWC)
-    and refuse an export whose P(fake) differs by more than :data:`TOLERANCE`.
+    and refuse an export whose outputs differ by more than :data:`TOLERANCE`.
 
     Returns ``{"checked": n images, "max_abs_diff": float or None}``.
     """
@@ -99,7 +113,8 @@ def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, 
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress chatter
-        program = torch.onnx.export(scorer, (example,), dynamo=True, input_names=["images"], output_names=["p_fake"],
+        program = torch.onnx.export(scorer, (example,), dynamo=True, input_names=["images"],
+                                    output_names=list(OUTPUTS[:2 if scorer.familiarity else 1]),
                                     dynamic_shapes=({0: batch},))
     proto = program.model_proto
     proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(v))
@@ -109,11 +124,13 @@ def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, 
     if images is None or len(images) == 0 or not onnxruntime_installed():
         return {"checked": 0, "max_abs_diff": None}
     with torch.inference_mode():
-        expected = scorer(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+        expected = outputs(scorer(torch.from_numpy(np.ascontiguousarray(images))))
     got = OnnxBackend(Path(path))(images)
-    diff = float(np.abs(got - expected).max())
-    if diff > TOLERANCE:
-        Path(path).unlink()
-        raise RuntimeError(f"the ONNX export of the model gives P(fake) up to {diff:.2e} away from PyTorch "
-                           f"(allowed {TOLERANCE}): not kept")
-    return {"checked": len(images), "max_abs_diff": diff}
+    diffs = [float(np.abs(g - e).max()) if e is not None and g is not None else (0.0 if g is e else np.inf)
+             for g, e in zip(got, expected)]
+    for name, diff, allowed in zip(OUTPUTS, diffs, (TOLERANCE, UNFAMILIARITY_TOLERANCE)):
+        if diff > allowed:
+            Path(path).unlink()
+            raise RuntimeError(f"the ONNX export of the model gives {name} up to {diff:.2e} away from PyTorch "
+                               f"(allowed {allowed}): not kept")
+    return {"checked": len(images), "max_abs_diff": diffs[0]}

@@ -368,8 +368,8 @@ def run_tags(cwd: Path = Path(".")) -> dict[str, str]:
 
 def pyfunc_model(checkpoint: Path, decision: Path, example_image: bytes) -> dict[str, Any]:
     """The model as a pyfunc from code (``serving.py``), as ``mlflow.pyfunc.log_model`` and
-    ``save_model`` take it: base64 image files in; ``p_fake``, ``predicted``, ``face``, ``face_box``
-    and ``error`` out.
+    ``save_model`` take it: base64 image files in; ``p_fake``, ``predicted``, ``unfamiliarity``,
+    ``familiar``, ``face``, ``face_box`` and ``error`` out.
 
     The checkpoint (weights only) and the decision settings are artifacts beside the code, and
     this package rides along as ``code_paths``: nothing is pickled. The serving environment
@@ -378,7 +378,8 @@ def pyfunc_model(checkpoint: Path, decision: Path, example_image: bytes) -> dict
     from importlib.metadata import version
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()]})
-    signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5], "predicted": ["real"], "face": ["cropped"],
+    signature = infer_signature(example, pd.DataFrame({"p_fake": [0.5], "predicted": ["real"], "unfamiliarity": [0.5],
+                                                       "familiar": [True], "face": ["cropped"],
                                                        "face_box": ["0 0 8 8"], "error": [""]}))
     onnx = checkpoint.parent / ONNX_FILE
     return {"python_model": str(PACKAGE_DIR / "serving.py"),

@@ -37,11 +37,11 @@ from deepfake_detector.batches import Batches, resident_choice
 from deepfake_detector.checkpoint import CheckpointStore
 from deepfake_detector.distributed import SINGLE, World
 from deepfake_detector.errors import Stopped, UserError
+from deepfake_detector.heads import attach, fit_heads
 from deepfake_detector.metrics import compute_metrics, per_fake_source
 from deepfake_detector.model import build_model, save_checkpoint, to_input
 from deepfake_detector.params import ModelParams, TrainParams, to_dict
 from deepfake_detector.preprocess import load_split, read_index
-from deepfake_detector.spectrum import fit_spectrum
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # Params that change how fast training runs, never what it computes: a checkpoint made with other
@@ -346,14 +346,20 @@ def fit(processed_dir: Path, out_dir: Path, model_params: ModelParams, params: T
         out_dir.mkdir(parents=True, exist_ok=True)
         valid_at_best = {"roc_auc": best["valid_auc"], "accuracy": best["valid_accuracy"],
                          "log_loss": best["valid_loss"]}
-        if model_params.spectrum:
-            # The branch joins the best epoch's CNN: fit on train, aligned with it on the valid reals.
+        if model_params.spectrum or model_params.familiarity != "none":
+            # The heads join the best epoch's network: fit on train, calibrated on valid (every source).
             trainer.model.load_state_dict(trainer.best_state)
-            spectrum = fit_spectrum(trainer.model, all_train, all_valid, device, params.batch_size * 2)
-            summary["spectrum"] = spectrum
+            fitted = fit_heads(attach(trainer.model), (*all_train, split_sources(processed_dir, "train")),
+                               (*all_valid, split_sources(processed_dir, "valid")), device, params.batch_size * 2,
+                               seed)
+            summary.update(fitted)
             trainer.best_state = {k: v.to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
-            tqdm.write(f"spectrum branch: train auc {spectrum['train_auc']:.3f} | "
-                       f"valid auc {spectrum['valid_auc']:.3f}")
+            if "spectrum" in fitted:
+                tqdm.write(f"spectrum branch: train auc {fitted['spectrum']['train_auc']:.3f} | "
+                           f"valid auc {fitted['spectrum']['valid_auc']:.3f}")
+            if "familiarity" in fitted:
+                tqdm.write(f"familiarity head ({model_params.familiarity}): flags "
+                           f"{fitted['familiarity']['valid_flagged']:.3f} of the valid images")
         save_checkpoint(trainer.model, out_dir / "model.pt", state_dict=trainer.best_state,
                         epoch=best["epoch"], valid=valid_at_best, min_source_size=min_source_size,
                         fit=image_fit)
@@ -366,7 +372,7 @@ def cnn_rows(processed_dir: Path, split: str, images: np.ndarray, labels: np.nda
              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images, labels and sources of the ``split`` rows the CNN trains or validates on: all but the fakes
     of ``model.spectrum_only`` (then copied into memory; otherwise the memory map itself)."""
-    sources = [row["source"] for row in read_index(processed_dir, split)[1]]
+    sources = split_sources(processed_dir, split)
     if not model.spectrum_only:
         return images, labels, sources
     if not model.spectrum:
@@ -380,6 +386,11 @@ def cnn_rows(processed_dir: Path, split: str, images: np.ndarray, labels: np.nda
     if not (labels[keep] == 1).any():
         raise UserError(f"model.spectrum_only leaves the CNN no fake {split} images: keep one fake source for it")
     return images[keep], labels[keep], [sources[i] for i in keep]
+
+
+def split_sources(processed_dir: Path, split: str) -> list[str]:
+    """The source of each image of a preprocessed split, in order."""
+    return [row["source"] for row in read_index(processed_dir, split)[1]]
 
 
 def prepared_as(meta: dict) -> dict[str, Any]:

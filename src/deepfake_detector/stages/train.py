@@ -14,7 +14,7 @@ from deepfake_detector.backends import DECISION_FILE, ONNX_FILE
 from deepfake_detector.checkpoint import CheckpointStore, data_fingerprint, run_key
 from deepfake_detector.device import resolve_device
 from deepfake_detector.errors import UserError
-from deepfake_detector.model import load_checkpoint
+from deepfake_detector.heads import load_checkpoint
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split
 from deepfake_detector.torch_backend import export_onnx
