@@ -129,7 +129,9 @@ def synthetic_model(tmp_path_factory, synthetic_processed) -> Path:
 def model_copy(model: Path, to: Path, flagging_distance: float | None) -> Path:
     """A copy of the model folder ``model`` at ``to`` whose familiarity head flags an image at
     ``flagging_distance`` (tiny: every image is flagged; inf: none is), or, with None, a model without
-    the head (``model.familiarity: none``, as every model trained before it)."""
+    the head (``model.familiarity: none``, as every model trained before it). It is the head's own
+    ``scale``: the unfamiliarity is the largest of the parts' relative distances over it, whatever
+    the parts."""
     import shutil
 
     import torch

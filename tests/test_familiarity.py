@@ -21,7 +21,8 @@ from deepfake_detector.preprocess import load_split
 from deepfake_detector.torch_backend import TOLERANCE, UNFAMILIARITY_TOLERANCE, TorchBackend, export_onnx
 
 SIZE = 32
-MODEL = ModelParams(arch="cnn", pretrained="none", channels=(8, 16), hidden=16)
+# Three blocks: the familiarity head's default features, the stages, are the first two blocks' outputs (two parts).
+MODEL = ModelParams(arch="cnn", pretrained="none", channels=(8, 16, 32), hidden=16)
 CPU = torch.device("cpu")
 needs_onnx = pytest.mark.skipif(not onnxruntime_installed(), reason="needs the onnx extra")
 
@@ -30,6 +31,9 @@ needs_onnx = pytest.mark.skipif(not onnxruntime_installed(), reason="needs the o
 D = 8
 SPREAD = np.linspace(0.5, 2.0, D)
 CENTRES = 20 * np.eye(D)[:2]
+# A second feature vector of the same images (another stage): 4-D, unit spread, each class about its own axis.
+D2 = 4
+CENTRES2 = 10 * np.eye(D2)[2:]
 
 
 def blobs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,38 +44,117 @@ def blobs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
     return points, labels, sources
 
 
+def second(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The second feature vector of points of classes ``labels``."""
+    return CENTRES2[labels] + rng.normal(size=(len(labels), D2))
+
+
 def groups(labels: np.ndarray, sources: np.ndarray, by: str) -> np.ndarray:
     """What heads.fit_heads hands familiarity.fit: the class, or the source and class."""
     return labels if by == "class" else np.char.add(sources, labels.astype(str))
 
 
-def unfamiliarity(head: familiarity.FamiliarityHead, points: np.ndarray) -> np.ndarray:
-    """The head's output for embeddings ``points`` (it reads neither the image nor the logits)."""
-    e = torch.as_tensor(points, dtype=torch.float32)
-    return head(torch.zeros(len(e), 3, 1, 1), torch.zeros(len(e), 2), e)["unfamiliarity"].numpy()
+def unfamiliarity(head: familiarity.FamiliarityHead, vectors: list[np.ndarray]) -> np.ndarray:
+    """The head's output for the feature ``vectors`` of some images, handed over as the network's
+    outputs would hold them (the head reads neither the image nor the logits)."""
+    tensors = [torch.as_tensor(v, dtype=torch.float32) for v in vectors]
+    n = len(tensors[0])
+    out = {"logits": torch.zeros(n, 2), "stages": tensors} if head.features == "stages" else \
+        {"logits": torch.zeros(n, 2), "embedding": tensors[0]}
+    return head(torch.zeros(n, 3, 1, 1), out)["unfamiliarity"].numpy()
+
+
+def far_points() -> np.ndarray:
+    """10 sigma from a centre of :func:`blobs`, across the axes that neither centre lies on."""
+    return np.array([centre + sign * 10 * SPREAD[k] * np.eye(D)[k]
+                     for centre in CENTRES for k in range(2, D) for sign in (-1, 1)])
 
 
 @pytest.mark.parametrize("by", ["class", "source"])
 @pytest.mark.parametrize("kind", familiarity.KINDS)
 def test_the_head_accepts_the_clusters_and_flags_what_lies_far_from_them(kind, by):
+    """One part: the embedding alone."""
     rng = np.random.default_rng(0)
     train_points, train_labels, train_sources = blobs(500, rng)
-    head = familiarity.FamiliarityHead(kind)
-    assert (unfamiliarity(head, train_points[:3]) == 0).all()  # unfitted: every image familiar
-    familiarity.fit(head, train_points, groups(train_labels, train_sources, by), seed=0)
+    head = familiarity.FamiliarityHead(kind, features="embedding")
+    assert (unfamiliarity(head, [train_points[:3]]) == 0).all()  # unfitted: every image familiar
+    familiarity.fit(head, [train_points], groups(train_labels, train_sources, by), seed=0)
+    assert len(head.parts) == 1
     if kind == "mahalanobis":  # a Gaussian per group; knn keeps train embeddings whatever their group
-        assert head.means.shape == ({"class": 2, "source": 4}[by], D)
+        assert head.parts[0].means.shape == ({"class": 2, "source": 4}[by], D)
     valid = blobs(500, rng)[0]
     share = 0.05
-    scale = familiarity.calibrate(head, head.distance(torch.as_tensor(valid, dtype=torch.float32)).numpy(), share)
-    assert float(head.scale) == pytest.approx(scale)
-    assert np.mean(unfamiliarity(head, valid) >= 1) == pytest.approx(share, abs=1 / len(valid))
+    calibrated = familiarity.calibrate(head, [valid], share)
+    np.testing.assert_allclose(unfamiliarity(head, [valid]), calibrated, rtol=1e-5)  # what the head answers
+    assert np.mean(calibrated >= 1) == pytest.approx(share, abs=1 / len(valid))
     # New points of the same clusters: flagged about as often as the valid ones, no more.
-    assert np.mean(unfamiliarity(head, blobs(500, rng)[0]) < 1) >= 0.9
-    # 10 sigma from a centre, across the axes that neither centre lies on: every one flagged.
-    far = np.array([centre + sign * 10 * SPREAD[k] * np.eye(D)[k]
-                    for centre in CENTRES for k in range(2, D) for sign in (-1, 1)])
-    assert (unfamiliarity(head, far) >= 1.5).all()
+    assert np.mean(unfamiliarity(head, [blobs(500, rng)[0]]) < 1) >= 0.9
+    assert (unfamiliarity(head, [far_points()]) >= 1.5).all()  # every one flagged
+
+
+@pytest.mark.parametrize("kind", familiarity.KINDS)
+def test_a_head_of_two_parts_flags_what_lies_far_in_either(kind):
+    """Two feature vectors (two stages), a part each: a point familiar in one and far in the other is flagged."""
+    rng = np.random.default_rng(3)
+    points, labels, sources = blobs(500, rng)
+    head = familiarity.FamiliarityHead(kind, features="stages")
+    assert (unfamiliarity(head, [points[:3], second(labels[:3], rng)]) == 0).all()  # unfitted
+    familiarity.fit(head, [points, second(labels, rng)], groups(labels, sources, "source"), seed=0)
+    assert len(head.parts) == 2
+    if kind == "mahalanobis":
+        assert [tuple(p.means.shape) for p in head.parts] == [(4, D), (4, D2)]
+    valid, valid_labels, _ = blobs(500, rng)
+    valid = [valid, second(valid_labels, rng)]
+    share = 0.05
+    calibrated = familiarity.calibrate(head, valid, share)
+    assert all(np.isfinite(float(p.scale)) and float(p.scale) > 0 for p in head.parts)
+    np.testing.assert_allclose(unfamiliarity(head, valid), calibrated, rtol=1e-5)
+    assert np.mean(calibrated >= 1) == pytest.approx(share, abs=1 / len(calibrated))
+    new, new_labels, _ = blobs(500, rng)
+    assert np.mean(unfamiliarity(head, [new, second(new_labels, rng)]) < 1) >= 0.9
+    # Far in the first vector, familiar in the second: flagged.
+    far = far_points()
+    far_labels = np.repeat([0, 1], len(far) // 2)
+    assert (unfamiliarity(head, [far, second(far_labels, rng)]) >= 1.5).all()
+    # Familiar in the first, far in the second (8 sigma across the axes neither of its centres lies on): flagged.
+    n = len(far)
+    near = CENTRES[far_labels] + rng.normal(size=(n, D)) * SPREAD * 0.5
+    off = CENTRES2[far_labels] + 8 * rng.choice([-1, 1], size=(n, 1)) * np.eye(D2)[rng.integers(0, 2, n)]
+    assert (unfamiliarity(head, [near, second(far_labels, rng)]) < 1).mean() >= 0.9  # both familiar: accepted
+    assert (unfamiliarity(head, [near, off]) >= 1.5).all()
+
+
+def test_flagging_distance_flags_only_beyond_tied_distances():
+    """A constant feature ties the distances: the flagging distance then lies just beyond the tie, so
+    only the rows beyond it are flagged, not the whole tied mass (nor everything, at a tie at zero)."""
+    share = 0.05
+    tied = np.array([1.0] * 97 + [3.0, 4.0, 5.0], dtype=np.float32)
+    scale = familiarity.flagging_distance(tied, share)
+    assert 1.0 < scale <= 3.0 and list(tied >= scale).count(True) == 3
+    for constant in (np.ones(100), np.zeros(100)):
+        scale = familiarity.flagging_distance(constant, share)
+        assert scale > 0 and not (constant >= scale).any()
+    spread = np.arange(100, dtype=np.float32)  # no ties: the share itself
+    assert np.mean(spread >= familiarity.flagging_distance(spread, share)) == pytest.approx(share, abs=0.01)
+
+
+def test_a_constant_part_flags_nothing_of_its_own():
+    """A feature the same for every image (knn): its part ties on the valid images and flags only a
+    row that differs; the other part sets what is flagged."""
+    rng = np.random.default_rng(5)
+    points, labels, _ = blobs(200, rng)
+    constant = np.ones((len(points), D2))
+    head = familiarity.FamiliarityHead("knn", features="stages")
+    familiarity.fit(head, [points, constant], labels, seed=0)
+    valid = blobs(200, rng)[0]
+    share = 0.05
+    calibrated = familiarity.calibrate(head, [valid, np.ones((len(valid), D2))], share)
+    assert np.isfinite(calibrated).all() and np.mean(calibrated >= 1) == pytest.approx(share, abs=1 / len(valid))
+    tied = head.parts[1].distance(torch.ones(3, D2))
+    assert (tied < head.parts[1].scale).all()  # the tie itself is not flagged
+    differs = np.ones((1, D2))
+    differs[0, 0] = 3
+    assert unfamiliarity(head, [valid[:1], differs])[0] >= 1
 
 
 def test_mahalanobis_measures_each_axis_in_its_own_spread():
@@ -79,24 +162,35 @@ def test_mahalanobis_measures_each_axis_in_its_own_spread():
     the shared covariance counts, not the Euclidean distance."""
     rng = np.random.default_rng(1)
     points, labels, _ = blobs(500, rng)
-    head = familiarity.FamiliarityHead("mahalanobis")
-    familiarity.fit(head, points, labels)
-    familiarity.calibrate(head, head.distance(torch.as_tensor(blobs(500, rng)[0], dtype=torch.float32)).numpy(), 0.05)
+    head = familiarity.FamiliarityHead("mahalanobis", features="embedding")
+    familiarity.fit(head, [points], labels)
+    familiarity.calibrate(head, [blobs(500, rng)[0]], 0.05)
     narrow, wide = CENTRES[0] + 3 * np.eye(D)[0], CENTRES[0] + 3 * np.eye(D)[D - 1]
-    assert head.means.shape == (2, D) and head.precision.shape == (D, D)
-    u_narrow, u_wide = unfamiliarity(head, np.stack([narrow, wide]))
+    assert head.parts[0].means.shape == (2, D) and head.parts[0].precision.shape == (D, D)
+    u_narrow, u_wide = unfamiliarity(head, [np.stack([narrow, wide])])
     assert u_narrow >= 1 > u_wide
 
 
 def test_knn_keeps_a_bounded_bank_of_unit_embeddings():
     rng = np.random.default_rng(2)
-    head = familiarity.FamiliarityHead("knn")
+    head = familiarity.FamiliarityHead("knn", features="embedding")
     points = rng.normal(size=(familiarity.BANK_SIZE + 100, D)) + 5
-    familiarity.fit(head, points, np.zeros(len(points)), seed=0)
-    assert head.bank.shape == (familiarity.BANK_SIZE, D)
-    torch.testing.assert_close(head.bank.norm(dim=1), torch.ones(familiarity.BANK_SIZE))
+    familiarity.fit(head, [points], np.zeros(len(points)), seed=0)
+    bank = head.parts[0].bank
+    assert bank.shape == (familiarity.BANK_SIZE, D)
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(familiarity.BANK_SIZE))
     with pytest.raises(ValueError, match="familiarity kind must be one of mahalanobis, knn"):
         familiarity.FamiliarityHead("none")
+
+
+def test_the_head_reads_the_features_it_was_made_for():
+    e, s1, s2 = torch.rand(2, 5), torch.rand(2, 3), torch.rand(2, 4)
+    out = {"logits": torch.zeros(2, 2), "embedding": e, "stages": [s1, s2]}
+    assert familiarity.FamiliarityHead("knn", features="embedding").vectors(out) == [e]
+    assert familiarity.FamiliarityHead("mahalanobis").vectors(out) == [s1, s2]  # stages: the default
+    assert familiarity.FamiliarityHead("knn").vectors({**out, "stages": []}) == [e]  # a network without stages
+    with pytest.raises(ValueError, match="familiarity features must be one of stages, embedding"):
+        familiarity.FamiliarityHead("knn", features="layers")
 
 
 def random_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -122,22 +216,56 @@ def fitted_model(config: ModelParams) -> tuple[torch.nn.Module, dict]:
     return model.eval(), figures
 
 
-@pytest.mark.parametrize("spectrum", [False, True])
-@pytest.mark.parametrize("kind", familiarity.KINDS)
-def test_the_fitted_head_round_trips_through_the_checkpoint(kind, spectrum, tmp_path):
-    model, figures = fitted_model(replace(MODEL, familiarity=kind, spectrum=spectrum))
+PARTS = {"stages": 2, "embedding": 1}  # of MODEL's head: the outputs of its first two blocks, or the embedding
+
+
+def same_outputs(got: dict, expected: dict) -> None:
+    """``got`` holds exactly the outputs of ``expected``, equal (the stages a list of tensors)."""
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        pairs = zip(got[key], value, strict=True) if isinstance(value, list) else [(got[key], value)]
+        assert all(torch.equal(a, b) for a, b in pairs), key
+
+
+@pytest.mark.parametrize("kind, spectrum, features", [(kind, spectrum, "stages") for kind in familiarity.KINDS
+                                                      for spectrum in (False, True)]
+                         + [(kind, False, "embedding") for kind in familiarity.KINDS])
+def test_the_fitted_head_round_trips_through_the_checkpoint(kind, spectrum, features, tmp_path):
+    model, figures = fitted_model(replace(MODEL, familiarity=kind, spectrum=spectrum, familiar_features=features))
     assert set(figures) == ({"familiarity", "spectrum"} if spectrum else {"familiarity"})
     assert figures["familiarity"]["valid_flagged"] == pytest.approx(MODEL.unfamiliar_share, abs=1 / 48)
+    assert len(model.heads["familiarity"].parts) == PARTS[features]
     save_checkpoint(model, tmp_path / "model.pt")
     loaded, ckpt = heads.load_checkpoint(tmp_path / "model.pt")
-    assert ckpt["config"]["familiarity"] == kind and list(loaded.heads) == list(model.heads)
+    assert ckpt["config"]["familiarity"] == kind and ckpt["config"]["familiar_features"] == features
+    assert list(loaded.heads) == list(model.heads)
+    head = loaded.heads["familiarity"]
+    assert head.features == features and len(head.parts) == PARTS[features]  # the parts remade from the state dict
+    if kind == "mahalanobis":  # each part measures its own vector: the first two blocks' widths, or the hidden layer
+        widths = [p.means.shape[1] for p in head.parts]
+        assert widths == ([8, 16] if features == "stages" else [MODEL.hidden])
     x = to_input(torch.from_numpy(random_split(8, seed=3)[0]))
     with torch.inference_mode():
         expected, got = model.outputs(x), loaded.outputs(x)
-    assert set(got) == {"logits", "embedding", "unfamiliarity"} and got["unfamiliarity"].shape == (16,)
+    assert set(got) == {"logits", "embedding", "stages", "unfamiliarity"} and got["unfamiliarity"].shape == (16,)
     assert (expected["unfamiliarity"] > 0).all()  # fitted: real distances, not the unfitted zeros
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    same_outputs(got, expected)
+
+
+def test_a_network_without_stages_measures_its_embedding(tmp_path):
+    """A CNN of one block has no stage before its last (which the embedding pools): the stages head
+    measures the embedding, one part, and round-trips so."""
+    model, figures = fitted_model(replace(MODEL, channels=(8,)))
+    head = model.heads["familiarity"]
+    assert head.features == "stages" and len(head.parts) == 1 and head.parts[0].means.shape == (4, MODEL.hidden)
+    assert figures["familiarity"]["valid_flagged"] == pytest.approx(MODEL.unfamiliar_share, abs=1 / 48)
+    save_checkpoint(model, tmp_path / "model.pt")
+    loaded, _ = heads.load_checkpoint(tmp_path / "model.pt")
+    x = to_input(torch.from_numpy(random_split(4, seed=3)[0]))
+    with torch.inference_mode():
+        expected, got = model.outputs(x), loaded.outputs(x)
+    assert expected["stages"] == [] and (expected["unfamiliarity"] > 0).all()
+    same_outputs(got, expected)
 
 
 def test_heads_join_the_network_on_its_device():
@@ -149,9 +277,11 @@ def test_heads_join_the_network_on_its_device():
 
 
 @needs_onnx
+@pytest.mark.parametrize("features", ["stages", "embedding"])
 @pytest.mark.parametrize("kind", familiarity.KINDS)
-def test_onnx_export_carries_the_unfamiliarity_as_its_second_output(kind, tmp_path):
-    model, _ = fitted_model(replace(MODEL, familiarity=kind))
+def test_onnx_export_carries_the_unfamiliarity_as_its_second_output(kind, features, tmp_path):
+    model, _ = fitted_model(replace(MODEL, familiarity=kind, familiar_features=features))
+    assert len(model.heads["familiarity"].parts) == PARTS[features]
     images = random_split(12, seed=4)[0]
     report = export_onnx(model, tmp_path / ONNX_FILE, images)  # refuses outputs that differ from PyTorch
     assert report["checked"] == len(images)
@@ -193,7 +323,7 @@ def test_a_checkpoint_from_before_the_head_scores_without_a_verdict(backend, tmp
     ``spectrum.*``. It loads, scores as it did, and its unfamiliarity is NaN (no verdict)."""
     model, _ = fitted_model(replace(MODEL, familiarity="none", spectrum=True))
     config = {k: v for k, v in asdict(model.config).items()
-              if k not in ("familiarity", "familiar_groups", "unfamiliar_share")}
+              if k not in ("familiarity", "familiar_features", "familiar_groups", "unfamiliar_share")}
     state = {k.removeprefix("heads."): v for k, v in model.state_dict().items()}
     assert "spectrum.weight" in state
     torch.save({"config": config, "image_size": SIZE, "state_dict": state, "epoch": 1}, tmp_path / "model.pt")
@@ -213,6 +343,35 @@ def test_a_checkpoint_from_before_the_head_scores_without_a_verdict(backend, tmp
     scored = detector.score([tmp_path / "face.png", tmp_path / "missing.png"])
     assert scored.errors[0] == "" and scored.errors[1] and np.isnan(scored.unfamiliarity).all()
     assert familiar(scored.unfamiliarity[0]) is None
+
+
+@pytest.mark.parametrize("fitted", [True, False])
+@pytest.mark.parametrize("kind", familiarity.KINDS)
+def test_a_checkpoint_from_before_the_heads_parts_scores_as_it_did(kind, fitted, tmp_path):
+    """A head of one density (its buffers at ``heads.familiarity.*``, no familiar_features in the config):
+    it loads as an embedding head of that one part, with the same unfamiliarity; unfitted, of none."""
+    model, _ = fitted_model(replace(MODEL, familiarity=kind, familiar_features="embedding"))
+    state = model.state_dict()
+    part = {k.removeprefix("heads.familiarity.parts.0."): v for k, v in state.items()
+            if k.startswith("heads.familiarity.parts.0.")}
+    assert set(part) == {"means", "precision", "bank", "scale"}
+    if fitted:  # the single density's flagging distance: the part's and the head's in one
+        part["scale"] = part["scale"] * state["heads.familiarity.scale"]
+    else:
+        part = {"means": torch.zeros(0, 0), "precision": torch.zeros(0, 0), "bank": torch.zeros(0, 0),
+                "scale": torch.tensor(float("inf"))}
+    old = {k: v for k, v in state.items() if not k.startswith("heads.familiarity.")}
+    old |= {f"heads.familiarity.{k}": v for k, v in part.items()}
+    config = {k: v for k, v in asdict(model.config).items() if k != "familiar_features"}
+    torch.save({"config": config, "image_size": SIZE, "state_dict": old, "epoch": 1}, tmp_path / "model.pt")
+    loaded, _ = heads.load_checkpoint(tmp_path / "model.pt")
+    head = loaded.heads["familiarity"]
+    assert head.features == "embedding" and len(head.parts) == (1 if fitted else 0)
+    x = to_input(torch.from_numpy(random_split(4, seed=7)[0]))
+    with torch.inference_mode():
+        got = loaded.outputs(x)["unfamiliarity"]
+        expected = model.outputs(x)["unfamiliarity"] if fitted else torch.zeros(len(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("kind", familiarity.KINDS)

@@ -60,6 +60,44 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(model(x), loaded(x))
 
 
+def test_the_cnn_stages_are_each_blocks_pooled_output_before_the_width_changes():
+    """``outputs()["stages"]``: the mean-pooled output of the last step before each change of channel
+    count, the first step's change (the input's 3 channels to the first block's) excepted; the last
+    block, whose output the head pools into the embedding, is not one."""
+    torch.manual_seed(0)
+    model = build_model(ModelParams(arch="cnn", pretrained="none", channels=(8, 16, 32), hidden=16), 32).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        out = model.outputs(x)
+        # The rule, walked over the features module by hand.
+        h, expected = (x - model.mean) / model.std, []
+        for i, step in enumerate(model.features):
+            y = step(h)
+            if i > 0 and y.shape[1] != h.shape[1]:
+                expected.append(h.mean((2, 3)))
+            h = y
+        plain = model.forward_features(x)[0]
+    assert [s.shape for s in out["stages"]] == [(3, 8), (3, 16)]
+    assert len(out["stages"]) == len(expected)
+    for got, want in zip(out["stages"], expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(out["logits"], plain)  # the step-by-step run is the plain one
+    torch.testing.assert_close(out["embedding"], model.embed(x))
+
+
+def test_the_lite_stages_are_its_block_groups_and_leave_the_logits_alone():
+    """EfficientNet-Lite0 run step by step (stem, blocks, head): each group of blocks of one width, not
+    the stem's; the logits those of its own ``extract_features``."""
+    torch.manual_seed(0)
+    model = build_model(ModelParams(arch="efficientnet_lite0", pretrained="none"), 64).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        out, plain = model.outputs(x), model(x)
+    assert [s.shape[1] for s in out["stages"]] == [16, 24, 40, 80, 112, 192, 320]
+    assert all(s.shape == (2, s.shape[1]) and s.dtype == torch.float32 for s in out["stages"])
+    torch.testing.assert_close(out["logits"], plain)
+
+
 @pytest.mark.parametrize("arch", ARCH_CASES)
 def test_every_arch_trains_a_step_round_trips_and_explains(arch, tmp_path):
     torch.manual_seed(0)
@@ -76,6 +114,8 @@ def test_every_arch_trains_a_step_round_trips_and_explains(arch, tmp_path):
     loaded, ckpt = load_checkpoint(tmp_path / "model.pt")  # no params file, no download
     assert ckpt["config"]["arch"] == arch and loaded.image_size == size
     assert torch.allclose(model(x), loaded(x), atol=1e-5)
+    with torch.inference_mode():  # the heads' step-by-step run of the features is the plain one
+        torch.testing.assert_close(model.outputs(x)["logits"], model.forward_features(x)[0])
     assert torch.equal(loaded.mean, model.mean) and torch.equal(loaded.std, model.std)  # normalisation travels
     heat = Detector(loaded, Decision(), arch).explain((torch.rand(size, size, 3) * 255).byte().numpy())
     assert heat.shape == (size, size) and 0 <= heat.min() and heat.max() <= 1

@@ -79,6 +79,10 @@ def test_the_fitted_branch_calls_fake_what_the_cnn_cannot_and_never_lowers_its_o
     with torch.inference_mode():
         cnn = model.forward_features(x)[0]
         fused, (branch, known) = model(x), model.heads["spectrum"].score(x)
+        # A head maps the input and the outputs so far to its own: the branch reads the CNN's logits alone.
+        answered = model.heads["spectrum"](x, {"logits": cnn, "embedding": None, "stages": []})
+    assert set(answered) == {"logits"}
+    torch.testing.assert_close(answered["logits"], fused)
     assert known.all()  # the images it was fit on lie in its range
     cnn_odds, fused_odds = (cnn[:, 1] - cnn[:, 0]).numpy(), (fused[:, 1] - fused[:, 0]).numpy()
     assert roc_auc_score(labels, cnn_odds) < 0.8  # the untrained CNN is no detector

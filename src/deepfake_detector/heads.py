@@ -1,6 +1,7 @@
 """Post-training heads: the network's answer refined or annotated by modules fit after training.
 
-A head is an ``nn.Module`` whose ``forward(x, logits, embedding)`` returns outputs: the spectrum
+A head is an ``nn.Module`` whose ``forward(x, out)`` maps the input and the outputs so far
+(``logits``, ``embedding``, ``stages``, and the heads' before it) to outputs of its own: the spectrum
 branch (:mod:`~deepfake_detector.spectrum`) a new ``logits``, the familiarity head
 (:mod:`~deepfake_detector.familiarity`) an ``unfamiliarity``. :class:`~deepfake_detector.model.DeepfakeNet`
 runs whatever sits in its ``heads`` after the CNN, knowing none of them; the heads know nothing of
@@ -33,7 +34,7 @@ def attach(model: DeepfakeNet) -> DeepfakeNet:
     if config.spectrum:
         model.heads["spectrum"] = spectrum.SpectrumBranch(model.image_size)
     if config.familiarity != "none":
-        model.heads["familiarity"] = familiarity.FamiliarityHead(config.familiarity)
+        model.heads["familiarity"] = familiarity.FamiliarityHead(config.familiarity, config.familiar_features)
     model.heads.to(model.mean.device)  # train attaches them to the network where it trained (CUDA)
     return model
 
@@ -55,8 +56,15 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Dee
     cfg.setdefault("arch", "cnn")  # checkpoints from before model.arch existed
     cfg.setdefault("pretrained", "none")
     cfg.setdefault("familiarity", "none")  # models from before the familiarity head have none: no verdict
+    cfg.setdefault("familiar_features", "embedding")  # and from before its parts: one density, of the embedding
     state = {("heads." + k if k.startswith("spectrum.") else k): v  # the branch's keys before heads existed
              for k, v in ckpt["state_dict"].items()}
+    if "heads.familiarity.means" in state:  # a head of one density, from before its parts
+        old = {k: state.pop(k) for k in list(state) if k.startswith("heads.familiarity.")}
+        state["heads.familiarity.scale"] = old["heads.familiarity.scale"]  # unfitted: no part, every image familiar
+        if old["heads.familiarity.means"].numel() or old["heads.familiarity.bank"].numel():  # fitted: the one part
+            state |= {k.replace("heads.familiarity.", "heads.familiarity.parts.0."): v for k, v in old.items()}
+            state["heads.familiarity.scale"] = torch.ones_like(old["heads.familiarity.scale"])
     model = build(ModelParams(**{**cfg, "channels": tuple(cfg["channels"])}), ckpt["image_size"], pretrained="none")
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt
@@ -98,8 +106,18 @@ def fit_heads(model: DeepfakeNet, train: Split, valid: Split, device: torch.devi
     if head is not None:
         groups = (np.char.add(np.asarray(sources, dtype=str), y.astype(str))
                   if model.config.familiar_groups == "source" else y)
-        familiarity.fit(head, batched(model.embed, x, device, batch_size), groups, seed)
-        distances = batched(lambda images: head.distance(model.embed(images)), vx, device, batch_size)
-        scale = familiarity.calibrate(head, distances, model.config.unfamiliar_share)
-        figures["familiarity"] = {"scale": scale, "valid_flagged": float(np.mean(distances >= scale))}
+        familiarity.fit(head, vectors(model, head, x, device, batch_size), groups, seed)
+        valid = familiarity.calibrate(head, vectors(model, head, vx, device, batch_size),
+                                      model.config.unfamiliar_share)
+        figures["familiarity"] = {"scale": float(head.scale), "valid_flagged": float(np.mean(valid >= 1))}
     return figures
+
+
+@torch.inference_mode()
+def vectors(model: DeepfakeNet, head: familiarity.FamiliarityHead, images: np.ndarray, device: torch.device,
+            batch_size: int) -> list[np.ndarray]:
+    """The feature vectors ``head`` measures, of each of the uint8 NHWC ``images``, ``batch_size`` at a time."""
+    batches = [[v.double().cpu() for v in head.vectors(model.outputs(
+        to_input(torch.from_numpy(np.array(images[i:i + batch_size]))).to(device)))]
+        for i in range(0, len(images), batch_size)]
+    return [torch.cat(column).numpy() for column in zip(*batches)]

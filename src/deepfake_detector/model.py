@@ -43,7 +43,7 @@ class DeepfakeNet(nn.Module):
     """``head(features(normalised x))``: two logits (real, fake), and after training its post-training
     ``heads`` (:mod:`~deepfake_detector.heads`): the spectrum branch may raise the fake logit, the
     familiarity head adds an ``unfamiliarity`` output. The network knows its heads only as modules
-    in ``heads`` that map (input, logits, embedding) to outputs."""
+    in ``heads`` that map the input and the outputs so far to outputs of their own."""
 
     def __init__(self, config: ModelParams, image_size: int, features: nn.Module, head: nn.Module,
                  stats: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
@@ -59,11 +59,22 @@ class DeepfakeNet(nn.Module):
     def arch(self) -> str:
         return self.config.arch
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The last feature map of ``x``; with ``stages`` a list, the features module is run step by step
+        and the mean-pooled output of each stage (the last step before the channel count changes, the
+        stem's excepted) appended to it."""
         x = (x - self.mean) / self.std
         if self.config.input == "residual":
             x = residual(x)
-        return self.features(x)
+        if stages is None:
+            return self.features(x)
+        steps = self.features.steps() if isinstance(self.features, _LiteFeatures) else list(self.features)
+        for i, step in enumerate(steps):
+            y = step(x)
+            if i > 1 and y.shape[1] != x.shape[1]:  # shapes are static: an export sees a fixed graph
+                stages.append(x.float().mean((2, 3)))
+            x = y
+        return x
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The CNN's logits (without the heads) and its last feature map before global pooling (what
@@ -72,16 +83,18 @@ class DeepfakeNet(nn.Module):
         return self.head(features), features
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The input of the last linear layer (pooled features): what the familiarity head measures."""
+        """The input of the last linear layer (pooled features)."""
         return self.head[:-1](self._features(x))
 
-    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """``logits`` (the CNN's, as the heads leave them), ``embedding`` (the input of the last linear
-        layer, what the familiarity head measures) and each head's outputs."""
-        embedding = self.embed(x)
-        out = {"logits": self.head[-1](embedding), "embedding": embedding}
+        layer), ``stages`` (each stage's mean-pooled output) and each head's outputs: a head reads
+        what the network and the heads before it answered."""
+        stages: list[torch.Tensor] = []
+        embedding = self.head[:-1](self._features(x, stages))
+        out = {"logits": self.head[-1](embedding), "embedding": embedding, "stages": stages}
         for head in self.heads.values():
-            out.update(head(x, out["logits"], embedding))
+            out.update(head(x, out))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +180,12 @@ class _LiteFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
+
+    def steps(self) -> list:
+        """``forward`` as a list of steps (stem, blocks, head), for eval: without drop-connect."""
+        net = self.net
+        return [lambda x: net._swish(net._bn0(net._conv_stem(x))), *net._blocks,
+                lambda x: net._swish(net._bn1(net._conv_head(x)))]
 
 
 def _lite_weights(arch: str) -> Path:

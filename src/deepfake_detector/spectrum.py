@@ -82,9 +82,10 @@ class SpectrumBranch(nn.Module):
         level = z.mean(1)
         return z @ self.weight + self.bias, (level >= self.low) & (level <= self.high)
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The (real, fake) logits whose fake log-odds are the larger of the CNN's and the branch's
-        (the CNN's alone where the branch abstains)."""
+    def forward(self, x: torch.Tensor, out: dict) -> dict[str, torch.Tensor]:
+        """The (real, fake) logits whose fake log-odds are the larger of the CNN's (``out["logits"]``)
+        and the branch's (the CNN's alone where the branch abstains)."""
+        logits = out["logits"]
         cnn = (logits[:, 1] - logits[:, 0]).float()
         score, known = self.score(x)
         odds = torch.where(known, torch.maximum(cnn, self.gain * score + self.shift), cnn)
