@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_sources import PROCESSED  # noqa: E402
 
 from deepfake_detector import familiarity, preprocess  # noqa: E402
+from deepfake_detector.evaluate import valid_threshold  # noqa: E402
 from deepfake_detector.heads import load_checkpoint  # noqa: E402
-from deepfake_detector.metrics import choose_threshold, compute_metrics  # noqa: E402
+from deepfake_detector.metrics import compute_metrics  # noqa: E402
 from deepfake_detector.model import to_input  # noqa: E402
-from deepfake_detector.params import Params  # noqa: E402
+from deepfake_detector.params import EvaluateParams, Params  # noqa: E402
 from deepfake_detector.spectrum import SpectrumBranch  # noqa: E402
 
 # name: (model.familiarity, model.familiar_groups, features): the embedding, the ring spectrum
@@ -93,7 +94,9 @@ def evaluate_model(model_dir: Path, own: Path, data: Path, rule: str, share_flag
         images, labels, sources = split(folder, kind)
         p, e = embed(model, images, device)
         scored[name] = {"labels": labels, "sources": sources, "p": p, "e": e, "images": images}
-    threshold = choose_threshold(scored["valid"]["labels"], scored["valid"]["p"], rule)
+    valid = scored["valid"]
+    threshold = valid_threshold(valid["labels"], valid["p"], valid["sources"], model.config.spectrum_only,
+                                EvaluateParams(threshold_rule=rule))  # as the evaluate stage: the twins do not count
     test = scored["test"]
     processed = {}
     for source in sorted(set(test["sources"][test["labels"] == 0].tolist())):

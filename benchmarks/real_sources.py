@@ -28,8 +28,9 @@ from deepfake_detector import preprocess  # noqa: E402
 from deepfake_detector.degrade import blur, jpeg, rescale  # noqa: E402
 from deepfake_detector.detector import Decision, Detector  # noqa: E402
 from deepfake_detector.device import resolve_device  # noqa: E402
-from deepfake_detector.metrics import choose_threshold, compute_metrics, per_source  # noqa: E402
-from deepfake_detector.params import Params  # noqa: E402
+from deepfake_detector.evaluate import valid_threshold  # noqa: E402
+from deepfake_detector.metrics import compute_metrics, per_source  # noqa: E402
+from deepfake_detector.params import EvaluateParams, Params  # noqa: E402
 
 # Processed reals: what a phone, a messenger or a web page does to a photo.
 PROCESSED = {"jpeg_q50": lambda im: jpeg(im, 50), "blur_s1": lambda im: blur(im, 1.0),
@@ -58,8 +59,9 @@ def score(detector: Detector, data: Path, split: str) -> tuple[np.ndarray, np.nd
 
 def evaluate_model(name: str, model: Path, own: Path, data: Path, rule: str) -> dict:
     detector = Detector.from_checkpoint(model / "model.pt", Decision(), resolve_device("auto"))
-    _, valid_y, valid_p, _, _ = score(detector, own, "valid")
-    threshold = choose_threshold(valid_y, valid_p, rule)
+    _, valid_y, valid_p, valid_sources, _ = score(detector, own, "valid")
+    threshold = valid_threshold(valid_y, valid_p, valid_sources, detector.model.config.spectrum_only,
+                                EvaluateParams(threshold_rule=rule))  # as the evaluate stage: the twins do not count
     images, labels, p_fake, sources, paths = score(detector, data, "test")
     row = {"model": name, "threshold": threshold, "test_auc": compute_metrics(labels, p_fake, threshold)["roc_auc"],
            "per_source": per_source(labels, p_fake, sources, threshold), "processed": {}, "utk_groups": {}}

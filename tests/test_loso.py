@@ -139,6 +139,35 @@ def test_one_fake_source_is_a_clear_error(two_sources, tmp_path, capsys):
     assert "deepfake loso: error: leave-one-source-out needs at least two fake sources" in capsys.readouterr().err
 
 
+def test_a_spectrum_only_source_stays_in_every_fold(two_sources, tmp_path, capsys):
+    """The spectrum branch's own family (model.spectrum_only, the twins) is no generator to find and,
+    left out, would leave the branch nothing to fit: the CNN's sources are left out in turn, it never."""
+    import torch
+
+    p, _ = two_sources
+    root = tmp_path / "data"
+    a = make_dataset(root / "a", per_class=PER_CLASS, size=32, nested=False)
+    b = one_class_source(root / "b", 1, PER_CLASS, 5000)
+    c = one_class_source(root / "c", 1, PER_CLASS, 9000)
+    p = with_overrides(p, [f"data.source={{a: {a}, b: {b}, c: {c}}}", "model.spectrum=true",
+                           "model.spectrum_only=[c]", "mlflow.enabled=false"])
+    download.run(p, root / "raw")
+    preprocess.run(p, root / "raw", root / "processed", workers=1)
+    result = loso.run(p, root / "processed", tmp_path / "loso", torch.device("cpu"))
+    assert result["sources"] == ["a", "b"] and result["never_left_out"] == ["c"]
+    assert set(result["matrix"]) == {"a", "b"} and result["test_sources"] == ["a", "b", "c"]
+    assert all(fit["counts"]["splits"]["train"]["fake"] == 2 * PER_CLASS for fit in result["fits"].values())
+    assert "Never left out: c (model.spectrum_only" in (tmp_path / "loso" / "loso.md").read_text()
+    # With one source for the CNN, there is nothing to leave out: a clear error that names the branch's.
+    only_a = tmp_path / "only-a"
+    loso.leave_out(root / "processed", only_a, "b")
+    code = cli.main(["loso", "--params", str(ROOT / "params.yaml"), "--data", str(only_a), "--out",
+                     str(tmp_path / "out"), "-S", "mlflow.enabled=false", "-S", "model.spectrum=true",
+                     "-S", "model.spectrum_only=[c]"])
+    assert code == 2
+    assert "and only a has fake images in the train split besides c (model.spectrum_only" in capsys.readouterr().err
+
+
 def test_training_logs_each_sources_valid_auc_per_epoch(two_sources, tmp_path):
     import torch
 

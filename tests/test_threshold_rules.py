@@ -41,3 +41,25 @@ def test_the_benchmark_scores_a_model_and_names_the_chosen_rule(tmp_path, synthe
     best = max(figures["rules"], key=lambda r: r["split_half_valid_accuracy"])
     assert figures["chosen"] == best["rule"] and f"| {best['rule']} (chosen) |" in result.stdout
     assert all(0 <= r["test_accuracy"] <= 1 for r in figures["rules"])
+
+
+@pytest.mark.parametrize("rule", ["eer", "target_fpr", "max_accuracy"])
+def test_the_twins_do_not_set_the_operating_point(rule):
+    """The fakes of the model's spectrum_only sources (the twins, as many as the reals, which the CNN
+    never learned) are left out of the threshold's choice: with them, eer falls among the reals."""
+    from deepfake_detector.evaluate import valid_threshold
+    from deepfake_detector.metrics import choose_threshold
+    from deepfake_detector.params import EvaluateParams
+
+    rng = np.random.default_rng(0)
+    reals, fakes, twins = rng.uniform(0.1, 0.4, 100), rng.uniform(0.6, 0.95, 100), rng.uniform(0.05, 0.3, 200)
+    p = np.concatenate([reals, fakes, twins])
+    labels = np.repeat([0, 1, 1], [100, 100, 200])
+    sources = np.repeat(["stylegan", "stylegan", "twins"], [100, 100, 200])
+    params = EvaluateParams(threshold_rule=rule)
+    threshold = valid_threshold(labels, p, sources, ("twins",), params)
+    assert threshold == choose_threshold(labels[:200], p[:200], rule, params.target_fpr)
+    assert np.mean(reals >= threshold) <= 0.05 and np.mean(fakes >= threshold) >= 0.95
+    if rule == "eer":  # counted, the twins drag the point down among the reals
+        assert np.mean(reals >= valid_threshold(labels, p, sources, (), params)) > 0.3
+    assert valid_threshold(labels, p, sources, ("sd",), params) == choose_threshold(labels, p, rule, params.target_fpr)

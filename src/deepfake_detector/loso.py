@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,8 @@ from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.data import CLASSES, SPLITS
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.metrics import choose_threshold, compute_metrics, per_fake_source
+from deepfake_detector.evaluate import valid_threshold
+from deepfake_detector.metrics import compute_metrics, per_fake_source
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split, npy_header, read_index
 from deepfake_detector.sources import DEFAULT_NAME
@@ -136,7 +136,9 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
     """Leave each fake source of the train split out in turn: fit, choose the threshold on the
     filtered valid split, score the whole test split per source.
 
-    Returns ``{"sources", "test_sources", "matrix": {left_out: {test_source: {"roc_auc",
+    A ``model.spectrum_only`` source is never left out (listed as ``never_left_out``).
+
+    Returns ``{"sources", "never_left_out", "test_sources", "matrix": {left_out: {test_source: {"roc_auc",
     "average_precision", "recall", "n_fake"}}}, "held_out": {left_out: AUC on its own fakes},
     "held_out_roc_auc_mean", "held_out_roc_auc_min", "fits": {left_out: summary}, "run_id"}``; with a
     familiarity head, each cell has ``flagged`` and ``caught_or_flagged`` too, and
@@ -149,16 +151,22 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
 
     processed, out = Path(processed), Path(out)
     meta = _check_processed(processed)
-    sources = fake_sources(processed, "train")
+    # A model.spectrum_only source (the twins) is the spectrum branch's training family, never the CNN's: it
+    # stays in every fold, since without it the branch has nothing to fit and it is no generator to find.
+    branch_only = [s for s in fake_sources(processed, "train") if s in p.model.spectrum_only]
+    sources = [s for s in fake_sources(processed, "train") if s not in branch_only]
     if len(sources) < 2:
         names = list(meta.get("sources") or [DEFAULT_NAME])
         with_fakes = f"only {sources[0]} has" if sources else "none has"
+        besides = f" besides {', '.join(branch_only)} (model.spectrum_only: the spectrum branch's alone)" \
+            if branch_only else ""
         raise UserError(f"leave-one-source-out needs at least two fake sources; data.source has {len(names)} "
-                        f"({', '.join(names)}) and {with_fakes} fake images in the train split: add a source "
-                        "of fakes from another generator")
+                        f"({', '.join(names)}) and {with_fakes} fake images in the train split{besides}: add a "
+                        "source of fakes from another generator")
     tracker = Tracker.start(p.mlflow, RUN_NAME, _logged_params(p, meta, sources),
                             {**run_tags(), "check": RUN_NAME, "device": str(device)})
-    result: dict = {"sources": sources, "test_sources": [], "matrix": {}, "held_out": {}, "fits": {}}
+    result: dict = {"sources": sources, "never_left_out": branch_only, "test_sources": [], "matrix": {},
+                    "held_out": {}, "fits": {}}
     with tracker.running(), replacing_dir(out, OUTPUTS) as staging:
         for source in sources:
             fit_dir = staging / "fits" / source
@@ -202,11 +210,8 @@ def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     detector = Detector.from_checkpoint(model_pt, Decision(), device)
     detector.batch_size = p.evaluate.batch_size
     valid_x, valid_y = load_split(data, "valid")
-    if len(np.unique(valid_y)) < 2:
-        print(f"warning: {data}'s valid split has one class: threshold {p.evaluate.threshold} (evaluate.threshold) "
-              "instead of the rule's", file=sys.stderr)
-    threshold = choose_threshold(valid_y, detector.predict(valid_x), p.evaluate.threshold_rule,
-                                 p.evaluate.target_fpr, p.evaluate.threshold)
+    valid_sources = [row["source"] for row in read_index(data, "valid")[1]]
+    threshold = valid_threshold(valid_y, detector.predict(valid_x), valid_sources, p.model.spectrum_only, p.evaluate)
     test_x, test_y = load_split(data, "test")
     p_fake, unfamiliarity = detector.assess(test_x)
     sources = [row["source"] for row in read_index(data, "test")[1]]
@@ -248,6 +253,9 @@ def markdown(result: dict) -> str:
     """``loso.md``: ROC AUC and recall tables (and, with a familiarity head, caught-or-flagged), and the
     held-out summary."""
     caught = result.get("held_out_caught_or_flagged")
+    never = result.get("never_left_out")
+    kept = (f"\nNever left out: {', '.join(never)} (model.spectrum_only: the spectrum branch's training family, "
+            "in every fold).\n") if never else ""
     flags = ("\n## Caught or flagged unfamiliar\n\nThe share of each source's test fakes called fake at the threshold "
              "or flagged unfamiliar by the familiarity head: not passed as real without a warning.\n\n"
              + table(result, "caught_or_flagged") + "\nHeld-out fakes caught or flagged: "
@@ -261,7 +269,7 @@ def markdown(result: dict) -> str:
             "## ROC AUC\n\n" + table(result, "roc_auc") +
             "\n## Recall at the threshold chosen on the filtered valid split\n\n" + table(result, "recall") + flags +
             "\nThresholds (P(fake)): " + ", ".join(f"without {s} {_figure(f['threshold'])}"
-                                                 for s, f in result["fits"].items()) + "\n")
+                                                 for s, f in result["fits"].items()) + "\n" + kept)
 
 
 def _nan_to_null(value: object) -> object:
