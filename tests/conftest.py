@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,6 +170,23 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
             pass
         time.sleep(0.25)
     pytest.fail(f"{url} did not answer within {timeout}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen, group: bool = False, grace: float = 30) -> None:
+    """Ask ``proc`` (its whole process group with ``group``) to stop, and kill it if it has not within
+    ``grace`` seconds: an mlflow or uvicorn server on a busy CPU can take longer than that to drain."""
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture

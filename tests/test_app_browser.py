@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FACES_MINI, ROOT, free_port, synthetic_face, wait_http
+from conftest import FACES_MINI, ROOT, free_port, stop_server, synthetic_face, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.browser,
@@ -64,12 +64,7 @@ def server(synthetic_model: Path, tmp_path_factory):
         wait_http(f"{url}/_stcore/health", proc, log, START_TIMEOUT_S)
         yield url, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, grace=10)
 
 
 @pytest.fixture(scope="module")

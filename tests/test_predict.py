@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FACES_MINI, ROOT, free_port, model_copy, png_bytes, synthetic_face, wait_http
+from conftest import FACES_MINI, ROOT, free_port, model_copy, png_bytes, stop_server, synthetic_face, wait_http
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.params import MlflowParams, Params
 from deepfake_detector.predict import PREDICTION_COLUMNS, largest_face, prepare
@@ -251,8 +251,7 @@ def test_mlflow_models_serve_answers_a_post_like_in_process(tmp_path, model_dir,
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
     served, too_small, too_large, no_base64, text = answer["predictions"]
     assert served["p_fake"] == pytest.approx(float(expected[0]), abs=1e-6)
     assert served["predicted"] == detector.label(float(expected[0])) and served["error"] == ""

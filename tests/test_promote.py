@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, wait_http
+from conftest import ROOT, free_port, stop_server, wait_http
 from deepfake_detector.params import ParamsError, PromoteParams, from_dict
 from deepfake_detector.promote import decide, robustness_drop
 
@@ -30,8 +30,7 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc, root / "server.log")
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port, make_dataset, wait_http
+from conftest import ROOT, free_port, make_dataset, stop_server, wait_http
 from deepfake_detector.heads import load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here trains in real processes, some of them twice
@@ -203,8 +203,7 @@ def test_mlflow_server_down_mid_run_loses_no_metric(processed, tmp_path):
         for key in ("valid_auc", "train_loss", "lr"):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4], key
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server, group=True)
 
 
 def test_torchrun_two_processes_train_once_with_one_run(processed, tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FACES_MINI, ROOT, free_port, model_copy, png_bytes, synthetic_face, wait_http
+from conftest import FACES_MINI, ROOT, free_port, model_copy, png_bytes, stop_server, synthetic_face, wait_http
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.predict import PREDICTION_COLUMNS
 
@@ -262,8 +262,7 @@ def test_mlflow_models_serve_of_a_packaged_folder_answers_valid_json(outside, mo
                                          headers={"Content-Type": "application/json"})
         raw = urllib.request.urlopen(request, timeout=60).read().decode()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
     served, bad = json.loads(raw, parse_constant=refuse_nan)["predictions"]  # a NaN token would raise
     assert served["p_fake"] == pytest.approx(float(expected[0]), abs=1e-6)
     assert served["predicted"] == ("fake" if expected[0] >= 0.3 else "real") and served["error"] == ""
