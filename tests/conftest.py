@@ -177,8 +177,11 @@ def stop_server(proc: subprocess.Popen, group: bool = False, grace: float = 30) 
     ``grace`` seconds: an mlflow or uvicorn server on a busy CPU can take longer than that to drain."""
     def send(sig: int) -> None:
         try:
-            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-        except ProcessLookupError:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:  # already gone
             pass
 
     send(signal.SIGTERM)
