@@ -52,7 +52,8 @@ OPTIONS = {"mahalanobis/class": ("mahalanobis", "class", "embedding"),
            # the backbone's stage outputs, mean-pooled, each its own Gaussian (Lee et al.'s feature ensemble)
            "stages mahalanobis/class": ("mahalanobis", "class", "stages"),
            "stages mahalanobis/source": ("mahalanobis", "source", "stages"),
-           "stages knn": ("knn", "class", "stages")}
+           "stages knn": ("knn", "class", "stages"),
+           "stages+spectrum mahalanobis/source": ("mahalanobis", "source", "stages+spectrum")}
 
 
 def embed(model, images: np.ndarray, device: torch.device, batch_size: int = 64
@@ -109,8 +110,9 @@ def evaluate_model(model_dir: Path, own: Path, data: Path, rule: str, share_flag
         train = scored["train"]
         names = np.char.add(train["sources"].astype(str), train["labels"].astype(str)) if groups == "source" \
             else train["labels"]
-        parts = {"both": ("embedding", "spectrum"),
-                 "stages": tuple(k for k in train["e"] if k.startswith("stage"))}.get(features, (features,))
+        stages = tuple(k for k in train["e"] if k.startswith("stage"))
+        parts = {"both": ("embedding", "spectrum"), "stages": stages,
+                 "stages+spectrum": (*stages, "spectrum")}.get(features, (features,))
         head = familiarity.FamiliarityHead(kind, "embedding")  # its parts are the benchmark's own choice
         familiarity.fit(head, [train["e"][part] for part in parts], names)
         familiarity.calibrate(head, [scored["valid"]["e"][part] for part in parts], share_flagged)
