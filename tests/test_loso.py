@@ -222,6 +222,44 @@ def test_spectrum_only_sources_fit_the_branch_but_never_the_cnn(two_sources, tmp
     fails(True, ("a", "b"), "leaves the CNN no fake train images")
 
 
+def test_evaluate_measures_the_spectrum_only_fakes_apart(two_sources, tmp_path):
+    """The twins are left out of the test figures as they are of the threshold: the headline, the
+    per-source rows the promote gates read, the robustness rows and predictions.csv hold the other
+    sources alone, and the twins' own figures stand apart under spectrum_only."""
+    import torch
+
+    from deepfake_detector import evaluate
+    from deepfake_detector.detector import Decision, Detector
+    from deepfake_detector.metrics import compute_metrics
+    from deepfake_detector.preprocess import read_index
+    from deepfake_detector.train import fit
+
+    p, processed = two_sources
+    cpu = torch.device("cpu")
+    fit(processed, tmp_path / "m", p.model.__class__(**{**p.model.__dict__, "spectrum": True, "spectrum_only": ("b",)}),
+        p.train, cpu, p.seed, progress=False)
+    params = with_overrides(p, ["evaluate.robustness.jpeg_quality=[50]", "evaluate.robustness.blur_sigma=[]",
+                                "evaluate.robustness.noise_sigma=[]", "evaluate.robustness.downscale=[]"]).evaluate
+    metrics = evaluate.run(processed, tmp_path / "m" / "model.pt", tmp_path / "eval", params, cpu, p.seed)
+
+    x, y = load_split(processed, "test")
+    sources = np.array([r["source"] for r in read_index(processed, "test")[1]])
+    p_fake = Detector.from_checkpoint(tmp_path / "m" / "model.pt", Decision(), cpu).predict(x)
+    a = sources == "a"
+    expected = compute_metrics(y[a], p_fake[a], metrics["threshold"])
+    assert (metrics["tp"] + metrics["fn"], metrics["tn"] + metrics["fp"]) == (PER_CLASS, PER_CLASS)
+    assert metrics["roc_auc"] == pytest.approx(expected["roc_auc"])
+    assert list(metrics["per_source"]) == ["a"] and list(metrics["robustness"]["jpeg_q50"]["sources"]) == ["a"]
+    b = metrics["spectrum_only"]["b"]
+    assert b["n_fake"] == PER_CLASS and b["recall"] == pytest.approx(np.mean(p_fake[~a] >= metrics["threshold"]))
+    with (tmp_path / "eval" / "plots" / "predictions.csv").open() as f:
+        assert {row["source"] for row in csv.DictReader(f)} == {"a"}
+    # Without spectrum_only sources nothing is set apart.
+    fit(processed, tmp_path / "plain", p.model, p.train, cpu, p.seed, progress=False)
+    plain = evaluate.run(processed, tmp_path / "plain" / "model.pt", tmp_path / "eval-plain", params, cpu, p.seed)
+    assert "spectrum_only" not in plain and list(plain["per_source"]) == ["a", "b"]
+
+
 def test_loso_md_has_a_caught_or_flagged_table_with_a_familiarity_head_only():
     def cell(caught_or_flagged: float | None = None) -> dict:
         figures = {"roc_auc": 0.9, "recall": 0.5, "n_fake": PER_CLASS}

@@ -61,14 +61,30 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     images, labels = load_split(processed_dir, "test")
     p_fake, unfamiliarity = detector.assess(images)
     paths, sources = read_index(processed_dir, "test")
-    result = report(labels, p_fake, unfamiliarity, sources, threshold)
+    # The twins are measured apart, as they are left out of the threshold: the headline, the per-source
+    # rows (the promote gates) and the plots are for the generators the detector is for.
+    proxies = detector.model.config.spectrum_only
+    keep = np.flatnonzero(~(np.isin(sources, list(proxies)) & (labels == 1)))
+    result = report(labels[keep], p_fake[keep], _take(unfamiliarity, keep), _take(sources, keep), threshold)
+    if len(keep) < len(labels):
+        result["spectrum_only"] = {name: row for name, row in per_fake_source(
+            labels, p_fake, sources, threshold, unfamiliarity).items() if name in proxies}
     result["robustness"] = {}
     for name, transform in perturbations(params.robustness, seed):
         perturbed, unfamiliar = detector.assess(images, transform)
-        result["robustness"][name] = robustness_row(labels, perturbed, sources, threshold, unfamiliar)
-    write_outputs(out_dir, result, labels, p_fake, paths, params, images=images,
-                  history=model_path.parent / "history.csv", sources=sources, unfamiliarity=unfamiliarity)
+        result["robustness"][name] = robustness_row(labels[keep], perturbed[keep], _take(sources, keep), threshold,
+                                                    _take(unfamiliar, keep))
+    write_outputs(out_dir, result, labels[keep], p_fake[keep], _take(paths, keep), params,
+                  images=[images[i] for i in keep], history=model_path.parent / "history.csv",
+                  sources=_take(sources, keep), unfamiliarity=_take(unfamiliarity, keep))
     return result
+
+
+def _take(values, keep: np.ndarray):
+    """``values`` (a list, an array or None) at the indices ``keep``, as it came."""
+    if values is None:
+        return None
+    return values[keep] if isinstance(values, np.ndarray) else [values[i] for i in keep]
 
 
 def valid_threshold(labels: np.ndarray, p_fake: np.ndarray, sources: Sequence[str], proxies: Sequence[str],
