@@ -48,7 +48,9 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     """Evaluate on the test split with a threshold chosen on valid; writes metrics.json, plots/ and
     the decision settings every scorer of this model applies, ``detector.json``.
 
-    Returns the metrics (:func:`report`) and ``robustness`` (a row per perturbation, :func:`robustness_row`).
+    Returns the metrics (:func:`report`) and ``robustness`` (a row per perturbation, :func:`robustness_row`),
+    both without the fakes of the model's ``model.spectrum_only`` sources, whose own figures are
+    ``spectrum_only`` (:func:`~deepfake_detector.metrics.per_fake_source`).
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     meta = json.loads((Path(processed_dir) / "meta.json").read_text())
