@@ -89,6 +89,9 @@ def one_class_source(root: Path, label: int, per_split: int, first: int) -> Path
 TINY_RUN = ["preprocess.image_size=32", "preprocess.min_source_size=16", "preprocess.blur.prob=0",
             "preprocess.noise.prob=0", "model.arch=cnn", "model.pretrained=none", "model.channels=[4]",
             "model.hidden=4", "model.convs_per_block=1", "train.epochs=1", "train.batch_size=8", "train.device=cpu"]
+# Evaluate with one robustness row (JPEG q50) instead of nine.
+ONE_ROBUSTNESS_ROW = ["evaluate.robustness.jpeg_quality=[50]", "evaluate.robustness.blur_sigma=[]",
+                      "evaluate.robustness.noise_sigma=[]", "evaluate.robustness.downscale=[]"]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_RUN, make_dataset, one_class_source
+from conftest import ONE_ROBUSTNESS_ROW, ROOT, TINY_RUN, make_dataset, one_class_source
 from deepfake_detector import cli, loso
 from deepfake_detector.errors import UserError
 from deepfake_detector.params import Params, with_overrides
@@ -238,8 +238,7 @@ def test_evaluate_measures_the_spectrum_only_fakes_apart(two_sources, tmp_path):
     cpu = torch.device("cpu")
     fit(processed, tmp_path / "m", p.model.__class__(**{**p.model.__dict__, "spectrum": True, "spectrum_only": ("b",)}),
         p.train, cpu, p.seed, progress=False)
-    params = with_overrides(p, ["evaluate.robustness.jpeg_quality=[50]", "evaluate.robustness.blur_sigma=[]",
-                                "evaluate.robustness.noise_sigma=[]", "evaluate.robustness.downscale=[]"]).evaluate
+    params = with_overrides(p, ONE_ROBUSTNESS_ROW).evaluate
     metrics = evaluate.run(processed, tmp_path / "m" / "model.pt", tmp_path / "eval", params, cpu, p.seed)
 
     x, y = load_split(processed, "test")

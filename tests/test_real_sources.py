@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, make_dataset, one_class_source
+from conftest import ONE_ROBUSTNESS_ROW, TINY_RUN, make_dataset, one_class_source
 from deepfake_detector import cli, evaluate, train
 from deepfake_detector.card import model_card
 from deepfake_detector.heads import load_checkpoint
 from deepfake_detector.params import Params, flatten, with_overrides
 from deepfake_detector.stages import download, preprocess
-
-ONE_ROBUSTNESS_ROW = ["evaluate.robustness.jpeg_quality=[50]", "evaluate.robustness.blur_sigma=[]",
-                      "evaluate.robustness.noise_sigma=[]", "evaluate.robustness.downscale=[]"]
 
 
 @pytest.fixture(scope="module")

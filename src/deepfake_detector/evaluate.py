@@ -66,7 +66,7 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     # The twins are measured apart, as they are left out of the threshold: the headline, the per-source
     # rows (the promote gates) and the plots are for the generators the detector is for.
     proxies = detector.model.config.spectrum_only
-    keep = np.flatnonzero(~(np.isin(sources, list(proxies)) & (labels == 1)))
+    keep = np.flatnonzero(~proxy_fakes(labels, sources, proxies))
     result = report(labels[keep], p_fake[keep], _take(unfamiliarity, keep), _take(sources, keep), threshold)
     if len(keep) < len(labels):
         result["spectrum_only"] = {name: row for name, row in per_fake_source(
@@ -89,6 +89,11 @@ def _take(values, keep: np.ndarray):
     return values[keep] if isinstance(values, np.ndarray) else [values[i] for i in keep]
 
 
+def proxy_fakes(labels: np.ndarray, sources: Sequence[str], proxies: Sequence[str]) -> np.ndarray:
+    """Which images are fakes of a ``proxies`` source (``model.spectrum_only``: the twins)."""
+    return np.isin(np.asarray(sources), list(proxies)) & (np.asarray(labels) == 1)
+
+
 def valid_threshold(labels: np.ndarray, p_fake: np.ndarray, sources: Sequence[str], proxies: Sequence[str],
                     params: EvaluateParams) -> float:
     """The threshold ``params``' rule picks on the valid split's scores, leaving out the fakes of the
@@ -97,7 +102,7 @@ def valid_threshold(labels: np.ndarray, p_fake: np.ndarray, sources: Sequence[st
     the ``eer`` point of a model with faces-utk among its reals fell to P(fake) 0.11, where 80 % of
     FFHQ's test reals are called fake (docs/experiments.md)."""
     labels = np.asarray(labels)
-    keep = ~(np.isin(np.asarray(sources), list(proxies)) & (labels == 1))
+    keep = ~proxy_fakes(labels, sources, proxies)
     if len(np.unique(labels[keep])) < 2:
         print(f"warning: the valid split has one class: threshold {params.threshold} (evaluate.threshold) "
               "instead of the rule's", file=sys.stderr)
