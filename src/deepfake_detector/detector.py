@@ -197,11 +197,11 @@ class Detector:
         crop = self.decision.crop_faces if crop_faces is None else crop_faces
         return prepare(data, self.image_size, crop, min_source_size=self.decision.min_source_size, fit=self.fit)
 
-    def assess(self, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def assess(self, images: np.ndarray | Sequence[np.ndarray],
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """P(fake) and unfamiliarity (NaN for a model without a familiarity head) of each prepared uint8
-        (N, S, S, 3) image, ``batch_size`` at a time; ``transform`` edits each batch (a copy: memmaps
-        are read-only)."""
+        (N, S, S, 3) image (an array, or a list of (S, S, 3) ones), ``batch_size`` at a time;
+        ``transform`` edits each batch (a copy: memmaps are read-only)."""
         p_fake, unfamiliarity = [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
         for start in range(0, len(images), self.batch_size):
             batch = np.array(images[start:start + self.batch_size])

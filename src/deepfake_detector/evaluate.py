@@ -71,14 +71,15 @@ def run(processed_dir: Path, model_path: Path, out_dir: Path, params: EvaluatePa
     if len(keep) < len(labels):
         result["spectrum_only"] = {name: row for name, row in per_fake_source(
             labels, p_fake, sources, threshold, unfamiliarity).items() if name in proxies}
+    kept = [images[i] for i in keep]  # views: a memmap stays on disk
     result["robustness"] = {}
     for name, transform in perturbations(params.robustness, seed):
-        perturbed, unfamiliar = detector.assess(images, transform)
-        result["robustness"][name] = robustness_row(labels[keep], perturbed[keep], _take(sources, keep), threshold,
-                                                    _take(unfamiliar, keep))
-    write_outputs(out_dir, result, labels[keep], p_fake[keep], _take(paths, keep), params,
-                  images=[images[i] for i in keep], history=model_path.parent / "history.csv",
-                  sources=_take(sources, keep), unfamiliarity=_take(unfamiliarity, keep))
+        perturbed, unfamiliar = detector.assess(kept, transform)
+        result["robustness"][name] = robustness_row(labels[keep], perturbed, _take(sources, keep), threshold,
+                                                    unfamiliar)
+    write_outputs(out_dir, result, labels[keep], p_fake[keep], _take(paths, keep), params, images=kept,
+                  history=model_path.parent / "history.csv", sources=_take(sources, keep),
+                  unfamiliarity=_take(unfamiliarity, keep))
     return result
 
 
