@@ -144,6 +144,9 @@ def test_a_spectrum_only_source_stays_in_every_fold(two_sources, tmp_path, capsy
     left out, would leave the branch nothing to fit: the CNN's sources are left out in turn, it never."""
     import torch
 
+    from deepfake_detector.detector import Decision, Detector
+    from deepfake_detector.metrics import compute_metrics
+
     p, _ = two_sources
     root = tmp_path / "data"
     a = make_dataset(root / "a", per_class=PER_CLASS, size=32, nested=False)
@@ -158,6 +161,16 @@ def test_a_spectrum_only_source_stays_in_every_fold(two_sources, tmp_path, capsy
     assert set(result["matrix"]) == {"a", "b"} and result["test_sources"] == ["a", "b", "c"]
     assert all(fit["counts"]["splits"]["train"]["fake"] == 2 * PER_CLASS for fit in result["fits"].values())
     assert "Never left out: c (model.spectrum_only" in (tmp_path / "loso" / "loso.md").read_text()
+    # Each fold's headline leaves c's fakes out, as evaluate's does: against the fold's own model.
+    x, y = load_split(root / "processed", "test")
+    not_c = np.array([r["source"] != "c" or r["label"] == "0" for r in index_rows(root / "processed", "test")])
+    for left, fit in result["fits"].items():
+        detector = Detector.from_checkpoint(tmp_path / "loso" / "fits" / left / "model" / "model.pt", Decision(),
+                                            torch.device("cpu"))
+        expected = compute_metrics(y[not_c], detector.predict(x)[not_c], fit["threshold"])
+        assert not_c.sum() == 3 * PER_CLASS
+        assert [fit[f"test_{k}"] for k in ("roc_auc", "accuracy", "recall")] == \
+            pytest.approx([expected[k] for k in ("roc_auc", "accuracy", "recall")])
     # With one source for the CNN, there is nothing to leave out: a clear error that names the branch's.
     only_a = tmp_path / "only-a"
     loso.leave_out(root / "processed", only_a, "b")

@@ -31,7 +31,7 @@ from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.data import CLASSES, SPLITS
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
-from deepfake_detector.evaluate import valid_threshold
+from deepfake_detector.evaluate import proxy_fakes, valid_threshold
 from deepfake_detector.metrics import compute_metrics, per_fake_source
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split, npy_header, read_index
@@ -206,7 +206,7 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
 
 def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     """The threshold chosen on ``data``'s (filtered) valid split, and the whole test split scored
-    with it: overall figures and ``per_source``."""
+    with it: overall figures (without the fakes of ``model.spectrum_only`` sources) and ``per_source``."""
     detector = Detector.from_checkpoint(model_pt, Decision(), device)
     detector.batch_size = p.evaluate.batch_size
     valid_x, valid_y = load_split(data, "valid")
@@ -215,7 +215,9 @@ def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     test_x, test_y = load_split(data, "test")
     p_fake, unfamiliarity = detector.assess(test_x)
     sources = [row["source"] for row in read_index(data, "test")[1]]
-    overall = compute_metrics(test_y, p_fake, threshold)
+    # The headline leaves the twins' fakes out, as evaluate's does; per_source still shows them as a column.
+    keep = ~proxy_fakes(test_y, sources, p.model.spectrum_only)
+    overall = compute_metrics(test_y[keep], p_fake[keep], threshold)
     return {"threshold": float(threshold), "test_roc_auc": overall["roc_auc"], "test_accuracy": overall["accuracy"],
             "test_recall": overall["recall"],
             "per_source": per_fake_source(test_y, p_fake, sources, threshold, unfamiliarity)}
