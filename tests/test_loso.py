@@ -121,6 +121,9 @@ def test_run_gives_the_matrix_and_logs_one_mlflow_run(two_sources, tmp_path, mon
             for key in ("roc_auc", "recall", "flagged", "caught_or_flagged"):
                 value = run.data.metrics[f"loso.{left}.{test}.{key}"]
                 assert math.isclose(value, result["matrix"][left][test][key])
+        # a's reals: the real sources' matrix, under the same run (keys apart from the fakes')
+        fpr = run.data.metrics[f"loso.{left}.a.false_positive_rate"]
+        assert math.isclose(fpr, result["real_matrix"][left]["a"]["false_positive_rate"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "loso")}
     assert {"loso/loso.json", "loso/loso.md"} <= artifacts
 
@@ -179,6 +182,58 @@ def test_a_spectrum_only_source_stays_in_every_fold(two_sources, tmp_path, capsy
                      "-S", "model.spectrum_only=[c]"])
     assert code == 2
     assert "and only a has fake images in the train split besides c (model.spectrum_only" in capsys.readouterr().err
+
+
+def test_a_source_of_reals_alone_is_left_out_as_an_unseen_camera(two_sources, tmp_path, capsys):
+    """A real-only source (a camera) is left out in turn too: its reals out of train and valid, its
+    false-positive rate on test the held-out figure, in loso.json, loso.md and the CLI's output."""
+    import torch
+
+    from deepfake_detector.detector import Decision, Detector
+
+    p, _ = two_sources
+    root = tmp_path / "data"
+    a = make_dataset(root / "a", per_class=PER_CLASS, size=32, nested=False)
+    b = one_class_source(root / "b", 1, PER_CLASS, 5000)
+    u = one_class_source(root / "u", 0, PER_CLASS, 7000)
+    p = with_overrides(p, [f"data.source={{a: {a}, b: {b}, u: {u}}}", "mlflow.enabled=false"])
+    download.run(p, root / "raw")
+    preprocess.run(p, root / "raw", root / "processed", workers=1)
+    processed = root / "processed"
+    assert loso.real_only_sources(processed) == ["u"]
+
+    counts = loso.leave_out(processed, tmp_path / "without-u", "u")
+    assert counts["class"] == "real" and counts["removed"] == {"train": PER_CLASS, "valid": PER_CLASS, "test": 0}
+    for split in ("train", "valid"):
+        kept = index_rows(tmp_path / "without-u", split)
+        assert kept == [r for r in index_rows(processed, split) if r["source"] != "u"]
+        assert counts["splits"][split] == {"images": 3 * PER_CLASS, "real": PER_CLASS, "fake": 2 * PER_CLASS}
+    assert json.loads((tmp_path / "without-u" / "meta.json").read_text())["left_out"]["class"] == "real"
+
+    code = cli.main(["loso", "--params", str(ROOT / "params.yaml"), "--data", str(processed), "--out",
+                     str(tmp_path / "loso"), *[a for o in [*TINY_RUN, "mlflow.enabled=false"] for a in ("-S", o)]])
+    assert code == 0
+    result = json.loads((tmp_path / "loso" / "loso.json").read_text())
+    assert result["sources"] == ["a", "b"] and result["real_only"] == ["u"]
+    assert set(result["matrix"]) == set(result["real_matrix"]) == {"a", "b", "u"}
+    assert result["test_real_sources"] == ["a", "u"] and set(result["held_out"]) == {"a", "b"}
+    assert result["fits"]["u"]["counts"]["splits"]["train"]["real"] == PER_CLASS  # a's reals alone
+    # The held-out figure: the share of u's test reals that the fold's own model calls fake.
+    x, y = load_split(processed, "test")
+    mine = np.array([r["source"] == "u" for r in index_rows(processed, "test")])
+    detector = Detector.from_checkpoint(tmp_path / "loso" / "fits" / "u" / "model" / "model.pt", Decision(),
+                                        torch.device("cpu"))
+    expected = float(np.mean(detector.predict(x[mine]) >= result["fits"]["u"]["threshold"]))
+    cell = result["real_matrix"]["u"]["u"]
+    assert cell["n_real"] == PER_CLASS and cell["false_positive_rate"] == pytest.approx(expected)
+    assert result["held_out_false_positive_rate"] == {"u": cell["false_positive_rate"]}
+    md = (tmp_path / "loso" / "loso.md").read_text()
+    a_cell = result["real_matrix"]["u"]["a"]["false_positive_rate"]
+    assert "## False-positive rate per real source" in md
+    assert f"| u | {a_cell:.3f} | **{cell['false_positive_rate']:.3f}** |" in md
+    assert f"Held-out reals called fake: u {cell['false_positive_rate']:.3f}." in md
+    out = capsys.readouterr().out
+    assert "test false-positive rate of each real source" in out and f"{cell['false_positive_rate']:.3f}*" in out
 
 
 def test_training_logs_each_sources_valid_auc_per_epoch(two_sources, tmp_path):

@@ -186,6 +186,9 @@ def cmd_loso(p: Params, args: argparse.Namespace) -> None:
     if "held_out_caught_or_flagged" in result:  # a familiarity head: a missed fake may still be flagged
         print("held-out fakes caught or flagged unfamiliar: "
               + ", ".join(f"{s} {figure(v)}" for s, v in result["held_out_caught_or_flagged"].items()))
+    if result["held_out_false_positive_rate"]:  # sources of reals alone, each left out: unseen cameras
+        print("test false-positive rate of each real source (* the source left out of training):")
+        print(loso.table(result, "false_positive_rate", bold=False, reals=True), end="")
     print(f"held-out ROC AUC: mean {figure(result['held_out_roc_auc_mean'])}, "
           f"worst {figure(result['held_out_roc_auc_min'])}; tables in {Path(args.out) / 'loso.md'}"
           + (f"; MLflow run {result['run_id']}" if result["run_id"] else ""))

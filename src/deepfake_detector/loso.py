@@ -10,6 +10,11 @@ on; the other cells are the in-distribution control. With a familiarity head (``
 each cell also says how many of those fakes were flagged unfamiliar, and how many were caught or
 flagged: a fake of a new generator that the detector misses is not passed as real without a warning.
 
+A source of reals alone (a camera: faces-utk beside faces-mini) is left out in turn as well, its reals
+out of train and valid, while other sources hold reals: its false-positive rate, the diagonal of the
+real sources' matrix (:func:`~deepfake_detector.metrics.per_real_source`), says whether "real" carries
+over to photographs from a camera the model never saw.
+
 Writes ``loso.json`` (the matrix and each fit's summary), ``loso.md`` (the matrix as a table) and
 ``fits/<source>/model/`` (each fit's ``model.pt``, ``history.csv`` and ``train.json``), and logs one
 MLflow run named ``leave-one-source-out``.
@@ -32,7 +37,7 @@ from deepfake_detector.data import CLASSES, SPLITS
 from deepfake_detector.detector import Decision, Detector
 from deepfake_detector.errors import UserError
 from deepfake_detector.evaluate import proxy_fakes, valid_threshold
-from deepfake_detector.metrics import compute_metrics, per_fake_source
+from deepfake_detector.metrics import compute_metrics, per_fake_source, per_real_source
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split, npy_header, read_index
 from deepfake_detector.sources import DEFAULT_NAME
@@ -50,6 +55,13 @@ def fake_sources(processed: Path, split: str = "train") -> list[str]:
     return list(dict.fromkeys(row["source"] for row in rows if int(row["label"]) == 1))
 
 
+def real_only_sources(processed: Path, split: str = "train") -> list[str]:
+    """The sources with real images and no fake ones in ``split``, in order of first appearance."""
+    _, rows = read_index(processed, split)
+    fakes = set(fake_sources(processed, split))
+    return [s for s in dict.fromkeys(row["source"] for row in rows if int(row["label"]) == 0) if s not in fakes]
+
+
 def _check_processed(processed: Path) -> dict:
     meta_file = Path(processed) / "meta.json"
     if not meta_file.exists():
@@ -59,25 +71,27 @@ def _check_processed(processed: Path) -> dict:
 
 def leave_out(processed: Path, out: Path, source: str) -> dict:
     """A copy of the preprocessed folder ``processed`` at ``out`` without ``source``'s fakes in train
-    and valid (its reals stay); the test split is the whole one (hard-linked when possible).
+    and valid (its reals stay) or, for a source with no fakes in train, without its reals; the test
+    split is the whole one (hard-linked when possible).
 
     The subset ``images.npy`` is written a chunk at a time, so memory stays flat however large the
     split. ``meta.json`` is copied with its train and valid counts updated and a ``left_out`` note.
-    ``out`` is replaced only once complete. Returns ``{"source", "removed": {split: n},
-    "splits": {split: {"images", "real", "fake"}}}``.
+    ``out`` is replaced only once complete. Returns ``{"source", "class": the class removed,
+    "removed": {split: n}, "splits": {split: {"images", "real", "fake"}}}``.
     """
     processed, out = Path(processed), Path(out)
     meta = _check_processed(processed)
     known = {row["source"] for split in SPLITS for row in read_index(processed, split)[1]}
     if source not in known:
         raise UserError(f"{processed} has no source {source!r} (it has {', '.join(sorted(known))})")
-    counts: dict = {"source": source, "removed": {}, "splits": {}}
+    label = 1 if source in fake_sources(processed, "train") else 0
+    counts: dict = {"source": source, "class": CLASSES[label], "removed": {}, "splits": {}}
     with replacing_dir(out, ("meta.json", *SPLITS)) as staging:
         for split in SPLITS:
             (staging / split).mkdir()
             columns, rows = read_index(processed, split)
             if split in FILTERED:
-                keep = [i for i, row in enumerate(rows) if not (int(row["label"]) == 1 and row["source"] == source)]
+                keep = [i for i, row in enumerate(rows) if not (int(row["label"]) == label and row["source"] == source)]
                 _write_subset(processed / split, staging / split, columns, rows, keep)
             else:
                 keep = list(range(len(rows)))
@@ -86,11 +100,12 @@ def leave_out(processed: Path, out: Path, source: str) -> dict:
             labels = [int(rows[i]["label"]) for i in keep]
             counts["removed"][split] = len(rows) - len(keep)
             counts["splits"][split] = {"images": len(keep), **{c: labels.count(k) for k, c in enumerate(CLASSES)}}
-            _update_meta_split(meta, split, counts["splits"][split], source if split in FILTERED else None)
-        meta["left_out"] = {"source": source, "fakes_removed": {s: counts["removed"][s] for s in FILTERED},
-                            "from": str(processed.resolve()),
-                            "note": f"train and valid hold every image except the fakes of {source}; "
-                                    "test is the whole test split"}
+            _update_meta_split(meta, split, counts["splits"][split], source if split in FILTERED else None,
+                               CLASSES[label])
+        meta["left_out"] = {"source": source, "class": CLASSES[label],
+                            "removed": {s: counts["removed"][s] for s in FILTERED}, "from": str(processed.resolve()),
+                            "note": f"train and valid hold every image except the {CLASSES[label]} images of "
+                                    f"{source}; test is the whole test split"}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
 
@@ -121,27 +136,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _update_meta_split(meta: dict, split: str, counts: dict, removed_source: str | None) -> None:
+def _update_meta_split(meta: dict, split: str, counts: dict, removed_source: str | None, removed_class: str) -> None:
     stats = (meta.get("splits") or {}).get(split)
     if not isinstance(stats, dict):
         return
     stats.update(counts)
     per_source = stats.get("sources") or {}
     if removed_source in per_source:
-        per_source[removed_source]["fake"] = 0
+        per_source[removed_source][removed_class] = 0
 
 
 def run(p: Params, processed: Path, out: Path, device: torch.device, progress: bool = False,
         keep_data: bool = False) -> dict:
-    """Leave each fake source of the train split out in turn: fit, choose the threshold on the
-    filtered valid split, score the whole test split per source.
+    """Leave each fake source of the train split out in turn, then each source of reals alone (while
+    another source holds reals): fit, choose the threshold on the filtered valid split, score the
+    whole test split per source.
 
     A ``model.spectrum_only`` source is never left out (listed as ``never_left_out``).
 
-    Returns ``{"sources", "never_left_out", "test_sources", "matrix": {left_out: {test_source: {"roc_auc",
-    "average_precision", "recall", "n_fake"}}}, "held_out": {left_out: AUC on its own fakes},
-    "held_out_roc_auc_mean", "held_out_roc_auc_min", "fits": {left_out: summary}, "run_id"}``; with a
-    familiarity head, each cell has ``flagged`` and ``caught_or_flagged`` too, and
+    Returns ``{"sources", "real_only", "never_left_out", "test_sources", "matrix": {left_out: {test_source:
+    {"roc_auc", "average_precision", "recall", "n_fake"}}}, "test_real_sources", "real_matrix": {left_out:
+    {real_source: {"false_positive_rate", "n_real", "real_roc_auc"}}}, "held_out": {fake source left out:
+    AUC on its own fakes}, "held_out_roc_auc_mean", "held_out_roc_auc_min", "held_out_false_positive_rate":
+    {real source left out: share of its reals called fake}, "fits": {left_out: summary}, "run_id"}``
+    (``sources`` the fake sources left out, ``real_only`` the real ones); with a familiarity head, each
+    cell has ``flagged`` and ``caught_or_flagged`` too (``real_flagged`` in ``real_matrix``), and
     ``held_out_caught_or_flagged`` is ``{left_out: share of its own fakes caught or flagged}``;
     also written to ``out/loso.json`` (NaN as null) and, as tables, ``out/loso.md``. Each fit's
     data subset is deleted once scored unless ``keep_data``. Logs one MLflow run (when
@@ -163,28 +182,40 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
         raise UserError(f"leave-one-source-out needs at least two fake sources; data.source has {len(names)} "
                         f"({', '.join(names)}) and {with_fakes} fake images in the train split{besides}: add a "
                         "source of fakes from another generator")
-    tracker = Tracker.start(p.mlflow, RUN_NAME, _logged_params(p, meta, sources),
+    # A camera left out needs reals from elsewhere to train on (faces-mini's FFHQ photographs).
+    with_reals = {row["source"] for row in read_index(processed, "train")[1] if int(row["label"]) == 0}
+    real_only = real_only_sources(processed, "train") if len(with_reals) > 1 else []
+    tracker = Tracker.start(p.mlflow, RUN_NAME, _logged_params(p, meta, sources + real_only),
                             {**run_tags(), "check": RUN_NAME, "device": str(device)})
-    result: dict = {"sources": sources, "never_left_out": branch_only, "test_sources": [], "matrix": {},
-                    "held_out": {}, "fits": {}}
+    result: dict = {"sources": sources, "real_only": real_only, "never_left_out": branch_only, "test_sources": [],
+                    "matrix": {}, "test_real_sources": [], "real_matrix": {}, "held_out": {},
+                    "held_out_false_positive_rate": {}, "fits": {}}
     with tracker.running(), replacing_dir(out, OUTPUTS) as staging:
-        for source in sources:
+        for source in sources + real_only:
             fit_dir = staging / "fits" / source
-            print(f"{RUN_NAME}: training without the fakes of {source}", flush=True)
+            print(f"{RUN_NAME}: training without the {'reals' if source in real_only else 'fakes'} of {source}",
+                  flush=True)
             counts = leave_out(processed, fit_dir / "data", source)
             summary = fit(fit_dir / "data", fit_dir / "model", p.model, p.train, device, p.seed, progress=progress,
                           **prepared_as(meta))
             scores = _score(p, fit_dir / "data", fit_dir / "model" / "model.pt", device)
             if not keep_data:
                 shutil.rmtree(fit_dir / "data")
-            result["matrix"][source] = scores.pop("per_source")
-            result["held_out"][source] = result["matrix"][source].get(source, {}).get("roc_auc", math.nan)
+            result["matrix"][source], result["real_matrix"][source] = scores.pop("per_source"), scores.pop("per_real")
+            if source in real_only:
+                result["held_out_false_positive_rate"][source] = result["real_matrix"][source][source][
+                    "false_positive_rate"]
+            else:
+                result["held_out"][source] = result["matrix"][source].get(source, {}).get("roc_auc", math.nan)
             result["fits"][source] = {**scores, "counts": counts, "train": summary}
-            tracker.log_metrics({f"loso.{source}.{test}.{k}": v for test, row in result["matrix"][source].items()
-                                 for k, v in row.items() if k in ("roc_auc", "recall", "flagged", "caught_or_flagged")}
+            cells = [*result["matrix"][source].items(), *result["real_matrix"][source].items()]  # a source may be both
+            tracker.log_metrics({f"loso.{source}.{test}.{k}": v for test, row in cells for k, v in row.items()
+                                 if k in ("roc_auc", "recall", "flagged", "caught_or_flagged", "false_positive_rate",
+                                          "real_flagged")}
                                 | {f"loso.{source}.{k}": v for k, v in scores.items()}
                                 | {f"loso.{source}.best_valid_auc": summary["best_valid_auc"]})
         result["test_sources"] = sorted({t for row in result["matrix"].values() for t in row})
+        result["test_real_sources"] = sorted({t for row in result["real_matrix"].values() for t in row})
         held = [v for v in result["held_out"].values() if not math.isnan(v)]
         result["held_out_roc_auc_mean"] = float(np.mean(held)) if held else math.nan
         result["held_out_roc_auc_min"] = float(min(held)) if held else math.nan
@@ -198,7 +229,7 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
         (staging / "loso.md").write_text(markdown(result))
         for name in ("loso.json", "loso.md"):
             tracker.log_artifacts(staging / name, "loso")
-        for source in sources:
+        for source in sources + real_only:
             for name in ("history.csv", "train.json"):
                 tracker.log_artifacts(staging / "fits" / source / "model" / name, f"loso/{source}")
     return result
@@ -206,7 +237,8 @@ def run(p: Params, processed: Path, out: Path, device: torch.device, progress: b
 
 def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     """The threshold chosen on ``data``'s (filtered) valid split, and the whole test split scored
-    with it: overall figures (without the fakes of ``model.spectrum_only`` sources) and ``per_source``."""
+    with it: overall figures (without the fakes of ``model.spectrum_only`` sources), ``per_source`` (fakes)
+    and ``per_real``."""
     detector = Detector.from_checkpoint(model_pt, Decision(), device)
     detector.batch_size = p.evaluate.batch_size
     valid_x, valid_y = load_split(data, "valid")
@@ -220,7 +252,8 @@ def _score(p: Params, data: Path, model_pt: Path, device: torch.device) -> dict:
     overall = compute_metrics(test_y[keep], p_fake[keep], threshold)
     return {"threshold": float(threshold), "test_roc_auc": overall["roc_auc"], "test_accuracy": overall["accuracy"],
             "test_recall": overall["recall"],
-            "per_source": per_fake_source(test_y, p_fake, sources, threshold, unfamiliarity)}
+            "per_source": per_fake_source(test_y, p_fake, sources, threshold, unfamiliarity),
+            "per_real": per_real_source(test_y, p_fake, sources, threshold, unfamiliarity)}
 
 
 def _logged_params(p: Params, meta: dict, sources: list[str]) -> dict:
@@ -237,12 +270,13 @@ def _figure(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def table(result: dict, key: str = "roc_auc", bold: bool = True) -> str:
-    """The matrix's ``key`` as a markdown table: a row per left-out source ("trained without"), a
-    column per test source; the held-out source's cell in bold (or starred when not ``bold``)."""
-    columns = result["test_sources"]
+def table(result: dict, key: str = "roc_auc", bold: bool = True, reals: bool = False) -> str:
+    """The matrix's ``key`` (``real_matrix``'s when ``reals``) as a markdown table: a row per left-out
+    source ("trained without"), a column per test source; the held-out source's cell in bold (or
+    starred when not ``bold``)."""
+    columns = result["test_real_sources" if reals else "test_sources"]
     lines = ["| trained without | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for left, row in result["matrix"].items():
+    for left, row in result["real_matrix" if reals else "matrix"].items():
         cells = []
         for test in columns:
             text = _figure(row.get(test, {}).get(key))
@@ -252,8 +286,8 @@ def table(result: dict, key: str = "roc_auc", bold: bool = True) -> str:
 
 
 def markdown(result: dict) -> str:
-    """``loso.md``: ROC AUC and recall tables (and, with a familiarity head, caught-or-flagged), and the
-    held-out summary."""
+    """``loso.md``: ROC AUC and recall tables (and, with a familiarity head, caught-or-flagged), the real
+    sources' false-positive rates, and the held-out summary."""
     caught = result.get("held_out_caught_or_flagged")
     never = result.get("never_left_out")
     kept = (f"\nNever left out: {', '.join(never)} (model.spectrum_only: the spectrum branch's training family, "
@@ -262,14 +296,22 @@ def markdown(result: dict) -> str:
              "or flagged unfamiliar by the familiarity head: not passed as real without a warning.\n\n"
              + table(result, "caught_or_flagged") + "\nHeld-out fakes caught or flagged: "
              + ", ".join(f"{s} {_figure(v)}" for s, v in caught.items()) + ".\n") if caught else ""
+    cameras = result.get("held_out_false_positive_rate")
+    reals = ("\n## False-positive rate per real source\n\nThe share of each source's test reals called fake at the "
+             "threshold. A row of a source of reals alone is a model trained without its reals: the bold cell is a "
+             "camera the model never saw.\n\n" + table(result, "false_positive_rate", reals=True)
+             + ("\nHeld-out reals called fake: " + ", ".join(f"{s} {_figure(v)}" for s, v in cameras.items()) + ".\n"
+                if cameras else "")) if result.get("test_real_sources") else ""
     return (f"# Leave one source out\n\n"
-            "Each row is a model trained without one source's fakes (its real images stay), scored on the whole "
-            "test split: each column is that source's test fakes against all test reals. The bold cell is the "
-            "source the model never saw: how well the detector generalises to a new generator.\n\n"
+            "Each row is a model trained without one source's fakes (its real images stay), or without the reals "
+            "of a source of reals alone, scored on the whole test split: each column is that source's test fakes "
+            "against all test reals. The bold cell is the source the model never saw: how well the detector "
+            "generalises to a new generator.\n\n"
             f"Held-out ROC AUC: mean {_figure(result['held_out_roc_auc_mean'])}, "
             f"worst {_figure(result['held_out_roc_auc_min'])}.\n\n"
             "## ROC AUC\n\n" + table(result, "roc_auc") +
-            "\n## Recall at the threshold chosen on the filtered valid split\n\n" + table(result, "recall") + flags +
+            "\n## Recall at the threshold chosen on the filtered valid split\n\n" + table(result, "recall")
+            + flags + reals +
             "\nThresholds (P(fake)): " + ", ".join(f"without {s} {_figure(f['threshold'])}"
                                                  for s, f in result["fits"].items()) + "\n" + kept)
 
