@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from deepfake_detector.detector import Decision, Detector
-from deepfake_detector.metrics import choose_threshold, compute_metrics
+from deepfake_detector.evaluate import valid_threshold
+from deepfake_detector.metrics import compute_metrics
 from deepfake_detector.params import load_params, with_overrides
-from deepfake_detector.preprocess import load_split
+from deepfake_detector.preprocess import load_split, read_index
 from deepfake_detector.device import resolve_device
 from deepfake_detector.train import fit
 
@@ -57,6 +58,7 @@ def main() -> None:
     device = resolve_device(p.train.device)
     args.out.mkdir(parents=True, exist_ok=True)
     valid_x, valid_y = load_split(args.data, "valid")
+    valid_sources = [row["source"] for row in read_index(args.data, "valid")[1]]
     test_x, test_y = load_split(args.data, "test")
     results = []
     for pretrained in dict.fromkeys((p.model.pretrained, "none")):
@@ -68,8 +70,8 @@ def main() -> None:
                 start = time.perf_counter()
                 fit(data, Path(tmp) / "model", model, p.train, device, p.seed, progress=False)
                 detector = Detector.from_checkpoint(Path(tmp) / "model", Decision(), device)
-                threshold = choose_threshold(valid_y, detector.predict(valid_x), p.evaluate.threshold_rule,
-                                             p.evaluate.target_fpr, p.evaluate.threshold)
+                threshold = valid_threshold(valid_y, detector.predict(valid_x), valid_sources, p.model.spectrum_only,
+                                            p.evaluate)
                 m = compute_metrics(test_y, detector.predict(test_x), threshold)
             results.append({"arch": model.arch, "pretrained": pretrained, "train_images": n,
                             "test_auc": round(m["roc_auc"], 4), "test_accuracy": round(m["accuracy"], 4),

@@ -90,8 +90,9 @@ def run_fit(p: Params, recipe: str, left_out: str | None, data: Path, full: Path
     meta = json.loads((data / "meta.json").read_text())
     summary = fit(data, out, p.model, p.train, device, p.seed, progress=False, **prepared_as(meta))
     detector = Detector.from_checkpoint(out / "model.pt", Decision(), device)
-    y, p_fake, _ = scored(detector, data, "valid")
-    threshold = choose_threshold(y, p_fake, p.evaluate.threshold_rule, p.evaluate.target_fpr, p.evaluate.threshold)
+    y, p_fake, sources = scored(detector, data, "valid")
+    threshold = choose_threshold(y, p_fake, p.evaluate.threshold_rule, p.evaluate.target_fpr, p.evaluate.threshold,
+                                 sources)
     row = {"recipe": recipe, "seed": p.seed, "left_out": left_out, "threshold": float(threshold),
            "best_valid_auc": summary["best_valid_auc"], "train_seconds": round(summary["train_seconds"], 1),
            "device": summary["device"]}

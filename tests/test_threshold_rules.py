@@ -63,3 +63,29 @@ def test_the_twins_do_not_set_the_operating_point(rule):
     if rule == "eer":  # counted, the twins drag the point down among the reals
         assert np.mean(reals >= valid_threshold(labels, p, sources, (), params)) > 0.3
     assert valid_threshold(labels, p, sources, ("sd",), params) == choose_threshold(labels, p, rule, params.target_fpr)
+
+
+def test_source_fpr_holds_the_target_on_each_real_source_apart():
+    """Pooled, a large source of reals that the model is sure of hides a smaller one it is not: the
+    source_fpr rule holds evaluate.target_fpr on each, the strictest point of all."""
+    from deepfake_detector.evaluate import valid_threshold
+    from deepfake_detector.metrics import choose_threshold
+    from deepfake_detector.params import EvaluateParams
+
+    rng = np.random.default_rng(0)
+    ffhq, utk = rng.uniform(0.2, 0.7, 100), rng.uniform(0.0, 0.3, 200)  # FFHQ's reals look more like the fakes
+    fakes, twins = rng.uniform(0.5, 1.0, 200), rng.uniform(0.0, 0.9, 300)
+    p = np.concatenate([ffhq, utk, fakes, twins])
+    labels = np.repeat([0, 0, 1, 1], [100, 200, 200, 300])
+    sources = np.repeat(["stylegan", "utk", "stylegan", "twins"], [100, 200, 200, 300])
+    params = EvaluateParams(threshold_rule="source_fpr", target_fpr=0.05)
+    pooled = choose_threshold(labels[:500], p[:500], "target_fpr", 0.05)
+    assert np.mean(ffhq >= pooled) > 0.1  # the pooled 5 % is FFHQ's 0.1 and more
+    threshold = valid_threshold(labels, p, sources, ("twins",), params)  # the twins' fakes choose nothing
+    assert threshold == choose_threshold(labels[:500], p[:500], "source_fpr", 0.05, sources=sources[:500])
+    assert np.mean(ffhq >= threshold) <= 0.05 and np.mean(utk >= threshold) <= 0.05
+    # The highest recall that holds: FFHQ's own target_fpr point, as UTKFace's is lower.
+    mine = sources[:500] == "stylegan"
+    assert threshold == choose_threshold(labels[:500][mine], p[:500][mine], "target_fpr", 0.05) > pooled
+    with pytest.raises(ValueError, match="needs each image's source"):
+        choose_threshold(labels, p, "source_fpr")

@@ -108,7 +108,7 @@ def valid_threshold(labels: np.ndarray, p_fake: np.ndarray, sources: Sequence[st
         print(f"warning: the valid split has one class: threshold {params.threshold} (evaluate.threshold) "
               "instead of the rule's", file=sys.stderr)
     return choose_threshold(labels[keep], np.asarray(p_fake)[keep], params.threshold_rule, params.target_fpr,
-                            params.threshold)
+                            params.threshold, np.asarray(sources)[keep])
 
 
 def report(labels: np.ndarray, p_fake: np.ndarray, unfamiliarity: np.ndarray, sources: np.ndarray | list[str],

@@ -61,7 +61,7 @@ Arch = Literal["cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientne
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-ThresholdRule = Literal["eer", "max_accuracy", "target_fpr", "fixed"]
+ThresholdRule = Literal["eer", "max_accuracy", "target_fpr", "source_fpr", "fixed"]
 THRESHOLD_RULES: tuple[str, ...] = typing.get_args(ThresholdRule)
 
 
