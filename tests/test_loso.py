@@ -185,36 +185,49 @@ def test_a_spectrum_only_source_stays_in_every_fold(two_sources, tmp_path, capsy
 
 
 def test_a_source_of_reals_alone_is_left_out_as_an_unseen_camera(two_sources, tmp_path, capsys):
-    """A real-only source (a camera) is left out in turn too: its reals out of train and valid, its
-    false-positive rate on test the held-out figure, in loso.json, loso.md and the CLI's output."""
+    """A real-only source (a camera) is left out in turn too: its reals and their twins out of train
+    and valid, its false-positive rate on test the held-out figure, in loso.json, loso.md and the
+    CLI's output."""
     import torch
 
     from deepfake_detector.detector import Decision, Detector
+    from deepfake_detector.sources import twin_origin
+    from deepfake_detector.stages import twins
 
     p, _ = two_sources
     root = tmp_path / "data"
     a = make_dataset(root / "a", per_class=PER_CLASS, size=32, nested=False)
     b = one_class_source(root / "b", 1, PER_CLASS, 5000)
     u = one_class_source(root / "u", 0, PER_CLASS, 7000)
-    p = with_overrides(p, [f"data.source={{a: {a}, b: {b}, u: {u}}}", "mlflow.enabled=false"])
+    overrides = [f"data.source={{a: {a}, b: {b}, u: {u}}}", "mlflow.enabled=false", "twins.enabled=true",
+                 "twins.epochs=1", "twins.crop=16", "twins.device=cpu", "model.spectrum=true",
+                 "model.spectrum_only=[twins]"]
+    p = with_overrides(p, overrides)
     download.run(p, root / "raw")
-    preprocess.run(p, root / "raw", root / "processed", workers=1)
+    twins.run(p, root / "raw", root / "twins")
+    preprocess.run(p, root / "raw", root / "processed", workers=1, twins=root / "twins")
     processed = root / "processed"
     assert loso.real_only_sources(processed) == ["u"]
 
     counts = loso.leave_out(processed, tmp_path / "without-u", "u")
-    assert counts["class"] == "real" and counts["removed"] == {"train": PER_CLASS, "valid": PER_CLASS, "test": 0}
+    assert counts["class"] == "real"  # u's reals and their twins go; a's twins stay
+    meta = json.loads((tmp_path / "without-u" / "meta.json").read_text())
+    assert meta["left_out"]["class"] == "real"
     for split in ("train", "valid"):
-        kept = index_rows(tmp_path / "without-u", split)
-        assert kept == [r for r in index_rows(processed, split) if r["source"] != "u"]
-        assert counts["splits"][split] == {"images": 3 * PER_CLASS, "real": PER_CLASS, "fake": 2 * PER_CLASS}
-    assert json.loads((tmp_path / "without-u" / "meta.json").read_text())["left_out"]["class"] == "real"
+        rows, kept = index_rows(processed, split), index_rows(tmp_path / "without-u", split)
+        twins_of = {o: [r for r in rows if r["source"] == "twins" and twin_origin(r["path"]) == o] for o in "au"}
+        assert len(twins_of["u"]) == len(twins_of["a"]) == PER_CLASS
+        assert kept == [r for r in rows if r["source"] != "u" and r not in twins_of["u"]]
+        assert counts["removed"][split] == 2 * PER_CLASS
+        assert counts["splits"][split] == {"images": 4 * PER_CLASS, "real": PER_CLASS, "fake": 3 * PER_CLASS}
+        assert meta["splits"][split]["sources"]["u"]["real"] == 0
+        assert meta["splits"][split]["sources"]["twins"]["fake"] == PER_CLASS
 
     code = cli.main(["loso", "--params", str(ROOT / "params.yaml"), "--data", str(processed), "--out",
-                     str(tmp_path / "loso"), *[a for o in [*TINY_RUN, "mlflow.enabled=false"] for a in ("-S", o)]])
+                     str(tmp_path / "loso"), *[a for o in [*TINY_RUN, *overrides] for a in ("-S", o)]])
     assert code == 0
     result = json.loads((tmp_path / "loso" / "loso.json").read_text())
-    assert result["sources"] == ["a", "b"] and result["real_only"] == ["u"]
+    assert result["sources"] == ["a", "b"] and result["real_only"] == ["u"] and result["never_left_out"] == ["twins"]
     assert set(result["matrix"]) == set(result["real_matrix"]) == {"a", "b", "u"}
     assert result["test_real_sources"] == ["a", "u"] and set(result["held_out"]) == {"a", "b"}
     assert result["fits"]["u"]["counts"]["splits"]["train"]["real"] == PER_CLASS  # a's reals alone

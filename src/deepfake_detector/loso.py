@@ -40,7 +40,7 @@ from deepfake_detector.evaluate import proxy_fakes, valid_threshold
 from deepfake_detector.metrics import compute_metrics, per_fake_source, per_real_source
 from deepfake_detector.params import Params, flatten
 from deepfake_detector.preprocess import load_split, npy_header, read_index
-from deepfake_detector.sources import DEFAULT_NAME
+from deepfake_detector.sources import DEFAULT_NAME, TWINS_SOURCE, twin_origin
 from deepfake_detector.train import fit, prepared_as
 
 RUN_NAME = "leave-one-source-out"  # the MLflow run's name, and its ``check`` tag
@@ -71,8 +71,9 @@ def _check_processed(processed: Path) -> dict:
 
 def leave_out(processed: Path, out: Path, source: str) -> dict:
     """A copy of the preprocessed folder ``processed`` at ``out`` without ``source``'s fakes in train
-    and valid (its reals stay) or, for a source with no fakes in train, without its reals; the test
-    split is the whole one (hard-linked when possible).
+    and valid (its reals stay) or, for a source with no fakes in train, without its reals and the
+    twins made from them (a twin is its real face, reconstructed); the test split is the whole one
+    (hard-linked when possible).
 
     The subset ``images.npy`` is written a chunk at a time, so memory stays flat however large the
     split. ``meta.json`` is copied with its train and valid counts updated and a ``left_out`` note.
@@ -91,7 +92,8 @@ def leave_out(processed: Path, out: Path, source: str) -> dict:
             (staging / split).mkdir()
             columns, rows = read_index(processed, split)
             if split in FILTERED:
-                keep = [i for i, row in enumerate(rows) if not (int(row["label"]) == label and row["source"] == source)]
+                keep = [i for i, row in enumerate(rows) if not (int(row["label"]) == label and row["source"] == source)
+                        and not (label == 0 and row["source"] == TWINS_SOURCE and twin_origin(row["path"]) == source)]
                 _write_subset(processed / split, staging / split, columns, rows, keep)
             else:
                 keep = list(range(len(rows)))
@@ -100,12 +102,11 @@ def leave_out(processed: Path, out: Path, source: str) -> dict:
             labels = [int(rows[i]["label"]) for i in keep]
             counts["removed"][split] = len(rows) - len(keep)
             counts["splits"][split] = {"images": len(keep), **{c: labels.count(k) for k, c in enumerate(CLASSES)}}
-            _update_meta_split(meta, split, counts["splits"][split], source if split in FILTERED else None,
-                               CLASSES[label])
+            _update_meta_split(meta, split, counts["splits"][split], [rows[i] for i in keep])
         meta["left_out"] = {"source": source, "class": CLASSES[label],
                             "removed": {s: counts["removed"][s] for s in FILTERED}, "from": str(processed.resolve()),
                             "note": f"train and valid hold every image except the {CLASSES[label]} images of "
-                                    f"{source}; test is the whole test split"}
+                                    f"{source}{' and their twins' if label == 0 else ''}; test is the whole test split"}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
 
@@ -136,14 +137,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _update_meta_split(meta: dict, split: str, counts: dict, removed_source: str | None, removed_class: str) -> None:
+def _update_meta_split(meta: dict, split: str, counts: dict, kept: list[dict]) -> None:
+    """``meta``'s counts of ``split`` (and of each source in it) as the subset's ``kept`` rows have them."""
     stats = (meta.get("splits") or {}).get(split)
     if not isinstance(stats, dict):
         return
     stats.update(counts)
-    per_source = stats.get("sources") or {}
-    if removed_source in per_source:
-        per_source[removed_source][removed_class] = 0
+    for name, per_class in (stats.get("sources") or {}).items():
+        per_class.update({c: sum(r["source"] == name and int(r["label"]) == k for r in kept)
+                          for k, c in enumerate(CLASSES)})
 
 
 def run(p: Params, processed: Path, out: Path, device: torch.device, progress: bool = False,

@@ -30,6 +30,17 @@ SOURCES_FILE = "sources.json"  # in data/raw when there are several sources: wha
 TWINS_SOURCE, TWINS_FILE = "twins", "twins.json"
 
 
+def twin_name(source: str, name: str) -> str:
+    """The file name of the twin of ``source``'s real image ``name``: ``<source>.<name>.jpg`` (a source's
+    name has no dot, and a file's name is unique in its folder: no two twins collide)."""
+    return f"{source}.{name}.jpg"
+
+
+def twin_origin(path: str) -> str:
+    """The source whose real image the twin at ``path`` was made from (see :func:`twin_name`)."""
+    return Path(path).name.split(".", 1)[0]
+
+
 @dataclass(frozen=True)
 class Entry:
     path: Path

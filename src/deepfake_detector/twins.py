@@ -29,7 +29,7 @@ from deepfake_detector.atomic import replacing_dir
 from deepfake_detector.data import SPLITS, DataError
 from deepfake_detector.params import TwinsParams, to_dict
 from deepfake_detector.preprocess import decode_image, raw_sources
-from deepfake_detector.sources import TWINS_FILE, Entry, list_images
+from deepfake_detector.sources import TWINS_FILE, Entry, list_images, twin_name
 
 OUTPUTS = (*SPLITS, TWINS_FILE)  # all a run writes into its output folder
 
@@ -180,8 +180,7 @@ def _make(raw_dir: Path, out: Path, params: TwinsParams, split_ratios: tuple[flo
             unreadable += 1
             continue
         fake = twin(net, image, params.stages, device)
-        # A source's name has no dot, and a file's name is unique in its folder: no two twins collide.
-        Image.fromarray(fake).save(out / entry.split / "fake" / f"{source}.{entry.path.name}.jpg",
+        Image.fromarray(fake).save(out / entry.split / "fake" / twin_name(source, entry.path.name),
                                    quality=params.quality)
         counts[source][entry.split] += 1
         errors[entry.split].append(float(np.abs(fake.astype(np.int16) - image).mean()))
