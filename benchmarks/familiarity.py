@@ -53,13 +53,15 @@ OPTIONS = {"mahalanobis/class": ("mahalanobis", "class", "embedding"),
            "stages mahalanobis/class": ("mahalanobis", "class", "stages"),
            "stages mahalanobis/source": ("mahalanobis", "source", "stages"),
            "stages knn": ("knn", "class", "stages"),
-           "stages+spectrum mahalanobis/source": ("mahalanobis", "source", "stages+spectrum")}
+           "stages+spectrum mahalanobis/source": ("mahalanobis", "source", "stages+spectrum"),
+           # the same stage outputs side by side, one Gaussian per group (model.familiar_features: joint)
+           "joint mahalanobis/source": ("mahalanobis", "source", "joint")}
 
 
 def embed(model, images: np.ndarray, device: torch.device, batch_size: int = 64
           ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """P(fake) (the model's answer, heads included), and the embedding, ring spectrum and stage
-    outputs (mean-pooled) of each image."""
+    outputs (mean-pooled; and all of them side by side, ``joint``) of each image."""
     rings = SpectrumBranch(model.image_size).to(device)
     batches = []
     with torch.inference_mode():
@@ -69,7 +71,8 @@ def embed(model, images: np.ndarray, device: torch.device, batch_size: int = 64
             batches.append([torch.softmax(out["logits"].float(), 1)[:, 1], out["embedding"], rings.features(x),
                             *out["stages"]])
     columns = [torch.cat(c).double().numpy() for c in zip(*batches)]
-    return columns[0], {"embedding": columns[1], "spectrum": columns[2],
+    joint = np.hstack(columns[3:]) if len(columns) > 3 else columns[1]  # no stages: the embedding, as the head
+    return columns[0], {"embedding": columns[1], "spectrum": columns[2], "joint": joint,
                         **{f"stage{j}": c for j, c in enumerate(columns[3:])}}
 
 

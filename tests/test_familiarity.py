@@ -65,7 +65,7 @@ def unfamiliarity(head: familiarity.FamiliarityHead, vectors: list[np.ndarray]) 
     outputs would hold them (the head reads neither the image nor the logits)."""
     tensors = [torch.as_tensor(v, dtype=torch.float32) for v in vectors]
     n = len(tensors[0])
-    out = {"logits": torch.zeros(n, 2), "stages": tensors} if head.features == "stages" else \
+    out = {"logits": torch.zeros(n, 2), "stages": tensors} if head.features != "embedding" else \
         {"logits": torch.zeros(n, 2), "embedding": tensors[0]}
     return head(torch.zeros(n, 3, 1, 1), out)["unfamiliarity"].numpy()
 
@@ -128,6 +128,37 @@ def test_a_head_of_two_parts_flags_what_lies_far_in_either(kind):
     off = CENTRES2[far_labels] + 8 * rng.choice([-1, 1], size=(n, 1)) * np.eye(D2)[rng.integers(0, 2, n)]
     assert (unfamiliarity(head, [near, second(far_labels, rng)]) < 1).mean() >= 0.9  # both familiar: accepted
     assert (unfamiliarity(head, [near, off]) >= 1.5).all()
+
+
+@pytest.mark.parametrize("kind", familiarity.KINDS)
+def test_the_joint_head_flags_stages_that_were_never_seen_together(kind):
+    """One density of both vectors side by side: an image whose first vector is one class's and whose
+    second is the other's is familiar to a head of a part per vector, but the joint head never saw the
+    pair and flags it; images like the train split are accepted as before."""
+    rng = np.random.default_rng(5)
+    points, labels, sources = blobs(500, rng)
+    train = [points, second(labels, rng)]
+    valid, valid_labels, _ = blobs(500, rng)
+    valid = [valid, second(valid_labels, rng)]
+    new, new_labels, _ = blobs(200, rng)
+    mixed = [new, second(1 - new_labels, rng)]  # each vector from a class, the two from different classes
+    shares = {}
+    for features in ("joint", "stages"):
+        head = familiarity.FamiliarityHead(kind, features=features)
+
+        def measured(vectors: list[np.ndarray]) -> list[np.ndarray]:
+            """What heads.vectors hands fit and calibrate: the vectors the head reads of the stages."""
+            return [v.numpy() for v in head.vectors({"stages": [torch.as_tensor(v) for v in vectors]})]
+
+        familiarity.fit(head, measured(train), groups(labels, sources, "source"), seed=0)
+        assert len(head.parts) == (1 if features == "joint" else 2)
+        if kind == "mahalanobis" and features == "joint":
+            assert tuple(head.parts[0].means.shape) == (4, D + D2)
+        calibrated = familiarity.calibrate(head, measured(valid), 0.05)
+        assert np.mean(calibrated >= 1) == pytest.approx(0.05, abs=1 / len(calibrated))
+        assert np.mean(unfamiliarity(head, [new, second(new_labels, rng)]) < 1) >= 0.9
+        shares[features] = np.mean(unfamiliarity(head, mixed) >= 1)
+    assert shares["joint"] == 1 and shares["stages"] <= 0.1
 
 
 def test_flagging_distance_flags_only_beyond_tied_distances():
@@ -193,9 +224,12 @@ def test_the_head_reads_the_features_it_was_made_for():
     e, s1, s2 = torch.rand(2, 5), torch.rand(2, 3), torch.rand(2, 4)
     out = {"logits": torch.zeros(2, 2), "embedding": e, "stages": [s1, s2]}
     assert familiarity.FamiliarityHead("knn", features="embedding").vectors(out) == [e]
-    assert familiarity.FamiliarityHead("mahalanobis").vectors(out) == [s1, s2]  # stages: the default
-    assert familiarity.FamiliarityHead("knn").vectors({**out, "stages": []}) == [e]  # a network without stages
-    with pytest.raises(ValueError, match="familiarity features must be one of stages, embedding"):
+    assert familiarity.FamiliarityHead("mahalanobis", features="stages").vectors(out) == [s1, s2]
+    joint = familiarity.FamiliarityHead("mahalanobis").vectors(out)  # joint: the default
+    assert len(joint) == 1 and torch.equal(joint[0], torch.cat([s1, s2], 1))
+    for features in familiarity.FEATURES:  # a network without stages
+        assert familiarity.FamiliarityHead("knn", features=features).vectors({**out, "stages": []}) == [e]
+    with pytest.raises(ValueError, match="familiarity features must be one of joint, stages, embedding"):
         familiarity.FamiliarityHead("knn", features="layers")
 
 
@@ -222,7 +256,9 @@ def fitted_model(config: ModelParams) -> tuple[torch.nn.Module, dict]:
     return model.eval(), figures
 
 
-PARTS = {"stages": 2, "embedding": 1}  # of MODEL's head: the outputs of its first two blocks, or the embedding
+# Of MODEL's head: the outputs of its first two blocks, side by side or a part each, or the embedding.
+PARTS = {"joint": 1, "stages": 2, "embedding": 1}
+WIDTHS = {"joint": [8 + 16], "stages": [8, 16], "embedding": [MODEL.hidden]}
 
 
 def same_outputs(got: dict, expected: dict) -> None:
@@ -233,9 +269,9 @@ def same_outputs(got: dict, expected: dict) -> None:
         assert all(torch.equal(a, b) for a, b in pairs), key
 
 
-@pytest.mark.parametrize("kind, spectrum, features", [(kind, spectrum, "stages") for kind in familiarity.KINDS
+@pytest.mark.parametrize("kind, spectrum, features", [(kind, spectrum, "joint") for kind in familiarity.KINDS
                                                       for spectrum in (False, True)]
-                         + [(kind, False, "embedding") for kind in familiarity.KINDS])
+                         + [(kind, False, features) for kind in familiarity.KINDS for features in ("stages", "embedding")])
 def test_the_fitted_head_round_trips_through_the_checkpoint(kind, spectrum, features, tmp_path):
     model, figures = fitted_model(replace(MODEL, familiarity=kind, spectrum=spectrum, familiar_features=features))
     assert set(figures) == ({"familiarity", "spectrum"} if spectrum else {"familiarity"})
@@ -247,9 +283,8 @@ def test_the_fitted_head_round_trips_through_the_checkpoint(kind, spectrum, feat
     assert list(loaded.heads) == list(model.heads)
     head = loaded.heads["familiarity"]
     assert head.features == features and len(head.parts) == PARTS[features]  # the parts remade from the state dict
-    if kind == "mahalanobis":  # each part measures its own vector: the first two blocks' widths, or the hidden layer
-        widths = [p.means.shape[1] for p in head.parts]
-        assert widths == ([8, 16] if features == "stages" else [MODEL.hidden])
+    if kind == "mahalanobis":  # each part measures its own vector: the first two blocks, or the hidden layer
+        assert [p.means.shape[1] for p in head.parts] == WIDTHS[features]
     x = to_input(torch.from_numpy(random_split(8, seed=3)[0]))
     with torch.inference_mode():
         expected, got = model.outputs(x), loaded.outputs(x)
@@ -259,11 +294,11 @@ def test_the_fitted_head_round_trips_through_the_checkpoint(kind, spectrum, feat
 
 
 def test_a_network_without_stages_measures_its_embedding(tmp_path):
-    """A CNN of one block has no stage before its last (which the embedding pools): the stages head
+    """A CNN of one block has no stage before its last (which the embedding pools): the default head
     measures the embedding, one part, and round-trips so."""
     model, figures = fitted_model(replace(MODEL, channels=(8,)))
     head = model.heads["familiarity"]
-    assert head.features == "stages" and len(head.parts) == 1 and head.parts[0].means.shape == (4, MODEL.hidden)
+    assert head.features == "joint" and len(head.parts) == 1 and head.parts[0].means.shape == (4, MODEL.hidden)
     assert figures["familiarity"]["valid_flagged"] == pytest.approx(MODEL.unfamiliar_share, abs=1 / 48)
     save_checkpoint(model, tmp_path / "model.pt")
     loaded, _ = heads.load_checkpoint(tmp_path / "model.pt")
@@ -283,7 +318,7 @@ def test_heads_join_the_network_on_its_device():
 
 
 @needs_onnx
-@pytest.mark.parametrize("features", ["stages", "embedding"])
+@pytest.mark.parametrize("features", familiarity.FEATURES)
 @pytest.mark.parametrize("kind", familiarity.KINDS)
 def test_onnx_export_carries_the_unfamiliarity_as_its_second_output(kind, features, tmp_path):
     model, _ = fitted_model(replace(MODEL, familiarity=kind, familiar_features=features))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 KINDS = ("mahalanobis", "knn")
-FEATURES = ("stages", "embedding")
+FEATURES = ("joint", "stages", "embedding")
 BANK_SIZE = 4096  # knn: train embeddings kept (a random subset beyond it): 21 MB at 1280 dimensions
 K = 10  # knn: the neighbour whose distance counts (Sun et al. use 1-50; 10 of a few thousand)
 
@@ -70,12 +70,14 @@ class FamiliarityHead(nn.Module):
     """Unfamiliarity of each image: the largest of its features' distances, each over its own flagging
     distance, over the flagging distance of that largest; until :func:`fit`, 0 (every image familiar).
 
-    ``features``: ``stages`` (the network's stage outputs, mean-pooled, a :class:`Density` each: the
-    feature ensemble of Lee et al.; low-level statistics a generator leaves that the last layer,
-    trained to tell only the fakes it saw, discards) or ``embedding`` (the last layer's input alone).
+    ``features``: the network's stage outputs, mean-pooled (low-level statistics a generator leaves
+    that the last layer, trained to tell only the fakes it saw, discards), either ``joint`` (one
+    :class:`Density` of all of them side by side, so that it sees how the stages move together) or
+    ``stages`` (a :class:`Density` each, the largest distance counts: the feature ensemble of Lee et
+    al.); or ``embedding`` (the last layer's input alone).
     """
 
-    def __init__(self, kind: str, features: str = "stages") -> None:
+    def __init__(self, kind: str, features: str = "joint") -> None:
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"familiarity features must be one of {', '.join(FEATURES)}, got {features!r}")
@@ -87,7 +89,9 @@ class FamiliarityHead(nn.Module):
     def vectors(self, out: dict) -> list[torch.Tensor]:
         """The feature vectors this head measures, of the network's outputs ``out``; the embedding for
         a network without stages (a CNN of one block, whose only block feeds the embedding)."""
-        stages = list(out["stages"]) if self.features == "stages" else []
+        stages = list(out["stages"]) if self.features != "embedding" else []
+        if self.features == "joint" and stages:
+            return [torch.cat(stages, 1)]
         return stages or [out["embedding"]]
 
     def distance(self, vectors: list[torch.Tensor]) -> torch.Tensor:

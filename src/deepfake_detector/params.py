@@ -151,8 +151,9 @@ class ModelParams(_Checked):
     # A head fit after training that flags images unlike the train split ("unfamiliar": the answer is
     # unreliable there), familiarity.py: mahalanobis | knn | none. Chosen in docs/experiments.md.
     familiarity: Literal["mahalanobis", "knn", "none"] = "mahalanobis"
-    # stages: each stage's mean-pooled output, a density each | embedding: the last layer's input alone
-    familiar_features: Literal["stages", "embedding"] = "stages"
+    # joint: each stage's mean-pooled output, side by side, one density | stages: a density each (the
+    # largest distance counts) | embedding: the last layer's input alone
+    familiar_features: Literal["joint", "stages", "embedding"] = "joint"
     familiar_groups: Literal["class", "source"] = "source"  # mahalanobis: one Gaussian per class, or per source
     unfamiliar_share: float = checked(0.05, "a share in (0, 1)", lambda v: 0 < v < 1)  # of valid images flagged
     pretrained: str = "imagenet"
