@@ -63,17 +63,17 @@ def embed(model, images: np.ndarray, device: torch.device, batch_size: int = 64
     """P(fake) (the model's answer, heads included), and the embedding, ring spectrum and stage
     outputs (mean-pooled; and all of them side by side, ``joint``) of each image."""
     rings = SpectrumBranch(model.image_size).to(device)
+    joint = familiarity.FamiliarityHead("mahalanobis", "joint")  # reads the vectors only: what the head measures
     batches = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = to_input(torch.from_numpy(np.array(images[i:i + batch_size]))).to(device)
             out = model.outputs(x)
             batches.append([torch.softmax(out["logits"].float(), 1)[:, 1], out["embedding"], rings.features(x),
-                            *out["stages"]])
+                            *joint.vectors(out), *out["stages"]])
     columns = [torch.cat(c).double().numpy() for c in zip(*batches)]
-    joint = np.hstack(columns[3:]) if len(columns) > 3 else columns[1]  # no stages: the embedding, as the head
-    return columns[0], {"embedding": columns[1], "spectrum": columns[2], "joint": joint,
-                        **{f"stage{j}": c for j, c in enumerate(columns[3:])}}
+    return columns[0], {"embedding": columns[1], "spectrum": columns[2], "joint": columns[3],
+                        **{f"stage{j}": c for j, c in enumerate(columns[4:])}}
 
 
 def split(data: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
