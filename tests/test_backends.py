@@ -49,14 +49,16 @@ def test_batch_norm_folds_into_the_convolutions_of_every_arch(arch):
     assert left == [] and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == (arch != "convnext_tiny")
 
 
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")
 def test_onnx_export_round_trips_any_batch_size_within_tolerance(tmp_path, synthetic_model, synthetic_processed):
     model, _ = load_checkpoint(synthetic_model / "model.pt")
-    images = np.array(load_split(synthetic_processed, "valid")[0])
+    images = load_split(synthetic_processed, "valid")[0]  # read-only memmap, as the train stage passes it
     report = export_onnx(model, tmp_path / ONNX_FILE, images)
     assert report["checked"] == len(images) and report["max_abs_diff"] <= TOLERANCE
     onnx, eager = OnnxBackend(tmp_path / ONNX_FILE), TorchBackend(model, 32, torch.device("cpu"))
     for n in (1, 5):
-        (p_onnx, u_onnx), (p_eager, u_eager) = onnx(images[:n]), eager(images[:n])
+        batch = np.array(images[:n])  # the Detector's batches are copies
+        (p_onnx, u_onnx), (p_eager, u_eager) = onnx(batch), eager(batch)
         assert p_onnx.shape == u_onnx.shape == (n,)  # the model's familiarity head: a second output
         assert np.abs(p_onnx - p_eager).max() <= TOLERANCE
         assert unfamiliarity_difference(u_onnx, u_eager) <= UNFAMILIARITY_TOLERANCE

@@ -136,7 +136,8 @@ def export_onnx(model: nn.Module, path: Path, images: np.ndarray | None = None, 
     if images is None or len(images) == 0 or not onnxruntime_installed():
         return {"checked": 0, "max_abs_diff": None}
     with torch.inference_mode():
-        expected = outputs(scorer(torch.from_numpy(np.ascontiguousarray(images))))
+        # A copy: the train stage passes a read-only memmap, which torch.from_numpy warns about.
+        expected = outputs(scorer(torch.from_numpy(np.array(images))))
     got = OnnxBackend(Path(path))(images)
     diffs = [difference(g, e) if e is not None and g is not None else (0.0 if g is e else np.inf)
              for difference, g, e in zip((p_fake_difference, unfamiliarity_difference), got, expected)]
