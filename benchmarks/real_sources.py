@@ -57,11 +57,11 @@ def score(detector: Detector, data: Path, split: str) -> tuple[np.ndarray, np.nd
     return images, labels, detector.predict(images), np.array([r["source"] for r in rows]), [r["path"] for r in rows]
 
 
-def evaluate_model(name: str, model: Path, own: Path, data: Path, rule: str) -> dict:
+def evaluate_model(name: str, model: Path, own: Path, data: Path, rule: str, target_fpr: float) -> dict:
     detector = Detector.from_checkpoint(model / "model.pt", Decision(), resolve_device("auto"))
     _, valid_y, valid_p, valid_sources, _ = score(detector, own, "valid")
     threshold = valid_threshold(valid_y, valid_p, valid_sources, detector.model.config.spectrum_only,
-                                EvaluateParams(threshold_rule=rule))  # as the evaluate stage: the twins do not count
+                                EvaluateParams(threshold_rule=rule, target_fpr=target_fpr))  # as the evaluate stage: the twins do not count
     images, labels, p_fake, sources, paths = score(detector, data, "test")
     row = {"model": name, "threshold": threshold, "test_auc": compute_metrics(labels, p_fake, threshold)["roc_auc"],
            "per_source": per_source(labels, p_fake, sources, threshold), "processed": {}, "utk_groups": {}}
@@ -111,12 +111,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="preprocessed data whose test split is scored")
     parser.add_argument("--out", type=Path, default=Path("build/real_sources"))
     parser.add_argument("--rule", default=Params().evaluate.threshold_rule)
+    parser.add_argument("--target-fpr", type=float, default=Params().evaluate.target_fpr,
+                        help="evaluate.target_fpr for --rule target_fpr or source_fpr (the (d) recipe's 0.03)")
     args = parser.parse_args()
     rows = []
     for spec in args.model:
         name, _, folders = spec.partition("=")
         model, _, own = folders.partition(":")
-        rows.append(evaluate_model(name, Path(model), Path(own), args.data, args.rule))
+        rows.append(evaluate_model(name, Path(model), Path(own), args.data, args.rule, args.target_fpr))
         print(f"{name}: scored", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_sources.json").write_text(json.dumps(rows, indent=1))

@@ -162,3 +162,16 @@ def test_real_sources_scores_each_real_source_at_the_models_own_threshold(tmp_pa
     assert set(row["processed"]) == {s for s, m in row["per_source"].items() if "n_real" in m}
     assert all(0 <= v <= 1 for rates in row["processed"].values() for v in rates.values())
     assert (tmp_path / "real_sources.md").read_text().startswith("| model | threshold | test AUC |")
+
+
+def test_real_sources_target_fpr_sets_the_operating_point(tmp_path, synthetic_model, synthetic_processed):
+    """--target-fpr reaches the threshold rule: no valid real called fake (0) sits above every fake caught (1)."""
+    thresholds = {}
+    for target in ("0", "1"):
+        run("benchmarks/real_sources.py", "--model", f"tiny={synthetic_model}:{synthetic_processed}",
+            "--data", str(synthetic_processed), "--out", str(tmp_path / target), "--rule", "target_fpr",
+            "--target-fpr", target)
+        (row,) = json.loads((tmp_path / target / "real_sources.json").read_text())
+        thresholds[target] = row["threshold"]
+    # The synthetic model's valid scores overlap (a real above the lowest fake), so the two targets differ.
+    assert thresholds["0"] > thresholds["1"]
