@@ -28,7 +28,7 @@ from deepfake_detector import preprocess  # noqa: E402
 from deepfake_detector.degrade import blur, jpeg, rescale  # noqa: E402
 from deepfake_detector.detector import Decision, Detector  # noqa: E402
 from deepfake_detector.device import resolve_device  # noqa: E402
-from deepfake_detector.evaluate import valid_threshold  # noqa: E402
+from deepfake_detector.evaluate import proxy_fakes, valid_threshold  # noqa: E402
 from deepfake_detector.metrics import compute_metrics, per_source  # noqa: E402
 from deepfake_detector.params import EvaluateParams, Params  # noqa: E402
 
@@ -60,11 +60,16 @@ def score(detector: Detector, data: Path, split: str) -> tuple[np.ndarray, np.nd
 def evaluate_model(name: str, model: Path, own: Path, data: Path, rule: str, target_fpr: float) -> dict:
     detector = Detector.from_checkpoint(model / "model.pt", Decision(), resolve_device("auto"))
     _, valid_y, valid_p, valid_sources, _ = score(detector, own, "valid")
+    # As the evaluate stage, here and on test: the twins' fakes are a training device, not a generator
+    # the operating point or the figures are for.
     threshold = valid_threshold(valid_y, valid_p, valid_sources, detector.model.config.spectrum_only,
-                                EvaluateParams(threshold_rule=rule, target_fpr=target_fpr))  # as the evaluate stage: the twins do not count
+                                EvaluateParams(threshold_rule=rule, target_fpr=target_fpr))
     images, labels, p_fake, sources, paths = score(detector, data, "test")
-    row = {"model": name, "threshold": threshold, "test_auc": compute_metrics(labels, p_fake, threshold)["roc_auc"],
-           "per_source": per_source(labels, p_fake, sources, threshold), "processed": {}, "utk_groups": {}}
+    keep = ~proxy_fakes(labels, sources, detector.model.config.spectrum_only)
+    row = {"model": name, "threshold": threshold,
+           "test_auc": compute_metrics(labels[keep], p_fake[keep], threshold)["roc_auc"],
+           "per_source": per_source(labels[keep], p_fake[keep], sources[keep], threshold), "processed": {},
+           "utk_groups": {}}
     for source in sorted(set(sources[labels == 0].tolist())):
         reals = np.flatnonzero((labels == 0) & (sources == source))
         row["processed"][source] = {

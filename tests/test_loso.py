@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -306,7 +308,8 @@ def test_spectrum_only_sources_fit_the_branch_but_never_the_cnn(two_sources, tmp
 def test_evaluate_measures_the_spectrum_only_fakes_apart(two_sources, tmp_path):
     """The twins are left out of the test figures as they are of the threshold: the headline, the
     per-source rows the promote gates read, the robustness rows and predictions.csv hold the other
-    sources alone, and the twins' own figures stand apart under spectrum_only."""
+    sources alone (in benchmarks/real_sources.py too), and the twins' own figures stand apart under
+    spectrum_only."""
     import torch
 
     from deepfake_detector import evaluate
@@ -334,6 +337,12 @@ def test_evaluate_measures_the_spectrum_only_fakes_apart(two_sources, tmp_path):
     assert b["n_fake"] == PER_CLASS and b["recall"] == pytest.approx(np.mean(p_fake[~a] >= metrics["threshold"]))
     with (tmp_path / "eval" / "plots" / "predictions.csv").open() as f:
         assert {row["source"] for row in csv.DictReader(f)} == {"a"}
+    # benchmarks/real_sources.py measures as the stage does: the same threshold, headline and sources.
+    subprocess.run([sys.executable, "benchmarks/real_sources.py", "--model", f"m={tmp_path / 'm'}:{processed}",
+                    "--data", str(processed), "--out", str(tmp_path / "rs")], cwd=ROOT, check=True, timeout=600)
+    (row,) = json.loads((tmp_path / "rs" / "real_sources.json").read_text())
+    assert row["threshold"] == pytest.approx(metrics["threshold"]) and list(row["per_source"]) == ["a"]
+    assert row["test_auc"] == pytest.approx(metrics["roc_auc"])
     # Without spectrum_only sources nothing is set apart.
     fit(processed, tmp_path / "plain", p.model, p.train, cpu, p.seed, progress=False)
     plain = evaluate.run(processed, tmp_path / "plain" / "model.pt", tmp_path / "eval-plain", params, cpu, p.seed)
